@@ -1,0 +1,330 @@
+"""The Mistral NeMo decoder in Flax Linen, used functionally.
+
+    tokens -> embed -> L x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> lm_head -> logits
+
+Axis alphabet (einsum strings and shape comments use it everywhere):
+    B batch, T query length, S key length, D model dim (5120), N query heads (32), K kv heads (8),
+    H head dim (128; note N*H = 4096 != D), F ffn dim (14336), V vocab (131072), L layers (40),
+    R LoRA rank.
+
+Parameters are a plain nested dict; this tree *is* the checkpoint layout:
+
+    embed/embedding [V, D]
+    layers/attention_norm/scale [L, D]      layers/ffn_norm/scale [L, D]
+    layers/attention/{q: [L, D, N, H], k,v: [L, D, K, H], o: [L, N, H, D]}/kernel
+    layers/mlp/{gate, up: [L, D, F], down: [L, F, D]}/kernel
+    final_norm/scale [D]                    lm_head/kernel [D, V]
+
+The layers are stacked on a leading L axis and run with `nn.scan`: one compiled block whatever the
+depth, and [L, ...] arrays that shard and save as single tensors. LoRA adapters live in their own
+`lora` collection with the same layout (see lora.py), so the base params can stay frozen and
+optimizer-free. Every parameter carries logical axis names (`embed`, `heads`, ...) that
+sharding.py maps to mesh axes.
+
+RoPE uses the rotate-half convention of HF checkpoints; Mistral's consolidated layout (interleaved)
+is permuted to it on import (checkpoint/layout.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from nemo_jax.config import ModelConfig
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+# Remat policies selectable by name; applied to the scanned block.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """What the model needs to know about LoRA: rank 0 means no adapters."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        # Normalise in fp32 (bf16 squares lose too much), then scale in the compute dtype as HF does.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """y = x . W (+ LoRA), contracting the last len(in_shape) axes of x with W's leading axes.
+
+    With `lora` set, adds (alpha/r) * dropout(x) . A . B from the `lora` collection; B starts at zero
+    so an untrained adapter leaves the base model exactly as it was.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of the kernel's axes (in then out)
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    lora: LoraSpec | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        n_in = len(self.in_shape)
+        fan_in = int(np.prod(self.in_shape))
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=fan_in ** -0.5), self.axes),
+            self.in_shape + self.out_shape,
+            self.param_dtype,
+        )
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        if self.lora is not None:
+            r = self.lora.rank
+            in_axes, out_axes = self.axes[:n_in], self.axes[n_in:]
+            a = self.variable("lora", "a", lambda: nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=fan_in ** -0.5), in_axes + ("lora_rank",))(
+                    self.make_rng("params"), self.in_shape + (r,), self.param_dtype))
+            b = self.variable("lora", "b", lambda: nn.with_logical_partitioning(
+                nn.initializers.zeros, ("lora_rank",) + out_axes)(
+                    self.make_rng("params"), (r,) + self.out_shape, self.param_dtype))
+            h = x.astype(self.dtype)
+            if self.lora.dropout > 0.0 and not self.deterministic:
+                h = nn.Dropout(self.lora.dropout)(h, deterministic=False)
+            h = jnp.tensordot(h, nn.unbox(a.value).astype(self.dtype), axes=n_in)  # [..., R]
+            y = y + self.lora.scale * jnp.tensordot(h, nn.unbox(b.value).astype(self.dtype), axes=1)
+        return y
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, rotate-half convention. x: [B, T, n, H]; positions: [B, T]."""
+    H = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, H, 2, dtype=np.float32) / H))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_mask(segment_ids):
+    """Causal mask restricted to one document. segment_ids: [B, T] -> bool [B, 1, T, S].
+
+    Padding (segment 0) attends only to padding, so no row is fully masked (no NaN softmax).
+    """
+    T = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_doc)[:, None]
+
+
+def _lora_for(lora: LoraSpec | None, target: str) -> LoraSpec | None:
+    return lora if lora is not None and lora.rank > 0 and target in lora.targets else None
+
+
+class Attention(nn.Module):
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    lora: LoraSpec | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        D = x.shape[-1]
+        N, K, H = self.n_heads, self.n_kv_heads, self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
+        q = Linear((D,), (N, H), ("embed", "heads", "head_dim"), lora=_lora_for(self.lora, "q"), name="q", **kw)(x)
+        k = Linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), lora=_lora_for(self.lora, "k"), name="k", **kw)(x)
+        v = Linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), lora=_lora_for(self.lora, "v"), name="v", **kw)(x)
+        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        # GQA natively (N a multiple of K). The XLA path runs on CPU/TPU; on GPU the auto choice uses
+        # cuDNN flash attention where the shapes allow, and the explicit mask carries the segment ids.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
+        out = checkpoint_name(out, "attention_out")
+        return Linear((N, H), (D,), ("heads", "head_dim", "embed"), lora=_lora_for(self.lora, "o"), name="o", **kw)(out)
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    lora: LoraSpec | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        D, F = x.shape[-1], self.hidden_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
+        gate = Linear((D,), (F,), ("embed", "mlp"), lora=_lora_for(self.lora, "gate"), name="gate", **kw)(x)
+        up = Linear((D,), (F,), ("embed", "mlp"), lora=_lora_for(self.lora, "up"), name="up", **kw)(x)
+        return Linear((F,), (D,), ("mlp", "embed"), lora=_lora_for(self.lora, "down"), name="down", **kw)(
+            nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    lora: LoraSpec | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        c = self.config
+        dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
+        h = RMSNorm(c.norm_eps, dt, pdt, name="attention_norm")(x)
+        x = x + Attention(c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta, dt, pdt, self.lora,
+                          self.deterministic, name="attention")(h, positions, mask)
+        h = RMSNorm(c.norm_eps, dt, pdt, name="ffn_norm")(x)
+        x = x + Mlp(c.hidden_dim, dt, pdt, self.lora, self.deterministic, name="mlp")(h)
+        return x, None
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+    lora: LoraSpec | None = None
+    remat: str = "none"
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+        c = self.config
+        dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        embedding = self.param_in("embed", "embedding", (c.vocab_size, c.dim), ("vocab", "embed"),
+                                  nn.initializers.normal(1.0), pdt)
+        x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [B, T, D]
+        mask = attention_mask(segment_ids)
+
+        block = Block
+        if self.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = nn.scan(
+            block,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.lora, self.deterministic, name="layers")(x, positions, mask)
+
+        x = RMSNorm(c.norm_eps, dt, pdt, name="final_norm")(x)
+        head = self.param_in("lm_head", "kernel", (c.dim, c.vocab_size), ("embed", "vocab"),
+                             nn.initializers.normal(c.dim ** -0.5), pdt)
+        if return_hidden:
+            return x, head
+        return jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+
+    def param_in(self, scope: str, name: str, shape, axes, init, dtype):
+        """A parameter under a named sub-scope (`embed/embedding`) without a wrapper module."""
+        return _Param(name, shape, axes, init, dtype, name=scope)()
+
+
+class _Param(nn.Module):
+    pname: str
+    shape: tuple
+    axes: tuple
+    initializer: object
+    dtype: object
+
+    @nn.compact
+    def __call__(self):
+        return self.param(self.pname, nn.with_logical_partitioning(self.initializer, self.axes), self.shape, self.dtype)
+
+
+# --- functional API ----------------------------------------------------------------------------------
+
+
+def make_model(config: ModelConfig, lora: LoraSpec | None = None, remat: str = "none",
+               deterministic: bool = True) -> Transformer:
+    if lora is not None and lora.rank == 0:
+        lora = None
+    return Transformer(config, lora, remat, deterministic)
+
+
+def _dummy_inputs():
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def init_boxed(config: ModelConfig, rng, lora: LoraSpec | None = None):
+    """Variables with their logical-axis metadata boxes (use under eval_shape for specs)."""
+    return make_model(config, lora).init(rng, _dummy_inputs())
+
+
+def init_params(config: ModelConfig, rng, lora: LoraSpec | None = None) -> dict:
+    """Random params (and `lora` adapters when lora is given) as plain dicts: {'params':..., 'lora':...}."""
+    return nn.meta.unbox(jax.jit(lambda r: init_boxed(config, r, lora))(rng))
+
+
+def abstract_variables(config: ModelConfig, lora: LoraSpec | None = None):
+    """ShapeDtypeStructs of every variable, allocating nothing (works for the 12B preset on a laptop)."""
+    return nn.meta.unbox(jax.eval_shape(lambda: init_boxed(config, jax.random.key(0), lora)))
+
+
+def logical_axes(config: ModelConfig, lora: LoraSpec | None = None):
+    """The same tree as the variables, each leaf a tuple of logical axis names."""
+    boxed = jax.eval_shape(lambda: init_boxed(config, jax.random.key(0), lora))
+    return nn.get_partition_spec(boxed)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, *,
+            lora_params: dict | None = None, lora: LoraSpec | None = None, return_hidden=False,
+            rngs=None, deterministic=True, remat: str = "none"):
+    model = make_model(config, lora if lora_params is not None else None, remat, deterministic)
+    variables = {"params": params}
+    if lora_params is not None:
+        variables["lora"] = lora_params
+    return model.apply(variables, tokens, positions, segment_ids, return_hidden=return_hidden, rngs=rngs)
+
+
+def logits(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, *,
+           lora_params: dict | None = None, lora: LoraSpec | None = None):
+    """float32 logits [B, T, V] for int tokens [B, T] (one document per row unless segment_ids say otherwise)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    return _logits_jit(config, lora, params, tokens, positions, segment_ids, lora_params)
+
+
+_logits_jit = jax.jit(
+    lambda config, lora, params, tokens, positions, segment_ids, lora_params: forward(
+        config, params, tokens, positions, segment_ids, lora_params=lora_params, lora=lora),
+    static_argnums=(0, 1),
+)
