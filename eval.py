@@ -1,0 +1,35 @@
+"""Held-out loss and perplexity of a model on JSONL files.
+
+    python eval.py --checkpoint PATH --data FILE [FILE ...] [--config C] [--out metrics.json]
+                   [--batch-size N] [--seq-len N]
+
+PATH: a training run directory (its LoRA applied on its base), an orbax checkpoint, or an HF /
+Mistral safetensors directory. Each file is one split named after its stem; every document is
+scored on its own (no context across documents), text records as BOS text EOS.
+"""
+
+import argparse
+
+from nemo_jax.errors import cli_main
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", nargs="+", required=True, help="JSONL/JSON/parquet files, one split each")
+    p.add_argument("--config", help="run config to take tokenizer, seq_len and dtype from")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    p.add_argument("--tokenizer", default=None, help="tekken.json (default: NeMo's, or the run's)")
+    args = p.parse_args(argv)
+
+    from nemo_jax.evaluate import main_eval
+
+    main_eval(args)
+
+
+if __name__ == "__main__":
+    main()

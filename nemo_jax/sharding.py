@@ -1,0 +1,98 @@
+"""Mesh construction and the logical -> mesh axis rules. The ONLY place mesh axes are named.
+
+Mesh axes:  data (pure data parallel), fsdp (data parallel with parameters sharded, ZeRO-3 style),
+            tensor (heads / kv heads / FFN / vocab), sequence (tokens of one sequence).
+
+Every parameter carries logical axis names (model.py); `RULES` maps each to a mesh axis (or None =
+replicated). XLA's SPMD partitioner inserts the collectives: under fsdp a scanned layer's weights
+are all-gathered inside the scan body, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nemo_jax.errors import UserError
+
+AXES = ("data", "fsdp", "tensor", "sequence")
+
+# logical axis -> mesh axis. Parameters are sharded over fsdp on their `embed` dimension and over
+# tensor on their head/FFN/vocab dimension; the stacked layer axis stays whole (scan slices it).
+RULES = {
+    "batch": ("data", "fsdp"),
+    "length": "sequence",
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "lora_rank": None,
+}
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, sequence: int, n_devices: int) -> dict[str, int]:
+    """Resolve the one -1 entry (if any) to fill the devices; check the product."""
+    shape = dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence)
+    fill = [k for k, v in shape.items() if v == -1]
+    if len(fill) > 1:
+        raise UserError(f"mesh: at most one axis may be -1, got {', '.join('mesh.' + k for k in fill)}")
+    known = math.prod(v for v in shape.values() if v != -1)
+    if fill:
+        if n_devices % known:
+            raise UserError(f"mesh: {n_devices} devices cannot be split with the other axes' product {known}")
+        shape[fill[0]] = n_devices // known
+    if math.prod(shape.values()) != n_devices:
+        raise UserError(f"mesh: data*fsdp*tensor*sequence = {math.prod(shape.values())} but there are "
+                        f"{n_devices} devices (set one axis to -1 to fill)")
+    return shape
+
+
+def make_mesh(data=1, fsdp=1, tensor=1, sequence=1, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(data, fsdp, tensor, sequence, len(devices))
+    arr = np.asarray(devices).reshape([shape[a] for a in AXES])
+    return Mesh(arr, AXES)
+
+
+def logical_to_spec(axes: tuple, mesh: Mesh, shape: tuple | None = None) -> P:
+    """PartitionSpec for a tensor with these logical axes; an axis the mesh cannot divide stays whole.
+
+    That fallback is what lets e.g. 8 kv heads live on a 16-way tensor axis (replicated there).
+    """
+    out, used = [], set()
+    for i, name in enumerate(axes):
+        mesh_axes = RULES.get(name)
+        if mesh_axes is None:
+            out.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or (shape is not None and shape[i] % size):
+            out.append(None)
+            continue
+        used.update(mesh_axes)
+        out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*out)
+
+
+def tree_shardings(logical_tree, abstract_tree, mesh: Mesh):
+    """NamedShardings for a tree, given its logical axes (PartitionSpecs of names) and shapes."""
+    return jax.tree.map(
+        lambda axes, x: NamedSharding(mesh, logical_to_spec(tuple(axes), mesh, x.shape)),
+        logical_tree, abstract_tree, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,275 @@
+"""The training loop: optimizer, jitted step, checkpoints with exact resume, metrics.
+
+One step = `batch_size` sequences, split into micro-batches that are scanned inside the jitted
+step (gradient accumulation without a Python loop). Gradients and loss are token-weighted sums
+divided once by the step's trained-token count, so k micro-batches give exactly the gradient of
+one big batch.
+
+What is trained is `trainable`: the whole param tree for full fine-tuning, or only the `lora`
+adapters, in which case the base (`frozen`) is an argument of the step with no gradient and no
+optimizer state.
+
+A run directory (`output_dir`) holds:
+    run.json            what the run is: model config, LoRA spec, base checkpoint reference
+    config.yaml         the resolved run config
+    checkpoints/<step>/ orbax: `state` (step, trainable, opt_state, rng) and `meta` (data iterator
+                        state, config); orbax writes each into a temporary directory and renames it
+                        when complete, so resume never picks up a half-written step
+    metrics.jsonl, tb/, loss.png
+Re-running the same command resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+
+from nemo_jax import model as M
+from nemo_jax import sharding as S
+from nemo_jax.config import ModelConfig
+from nemo_jax.errors import UserError
+from nemo_jax.losses import chunked_nll_sum, token_count
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+# --- optimizer --------------------------------------------------------------------------------------
+
+
+def lr_schedule(tc) -> optax.Schedule:
+    """Linear warmup to `lr`, then cosine / linear decay to lr * min_lr_ratio at `steps` (or constant)."""
+    end = tc.lr * tc.min_lr_ratio
+    decay_steps = max(tc.steps - tc.warmup_steps, 1)
+    if tc.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.min_lr_ratio)
+    elif tc.schedule == "linear":
+        decay = optax.linear_schedule(tc.lr, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(tc.lr)
+    if tc.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(tc.lr / tc.warmup_steps, tc.lr, tc.warmup_steps - 1) if tc.warmup_steps > 1 \
+        else optax.constant_schedule(tc.lr)
+    return optax.join_schedules([warmup, decay], [tc.warmup_steps])
+
+
+def decay_mask(tree):
+    """Weight decay on matrices only: norms' scales (1-D per layer) are not decayed."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: not any(getattr(k, "key", None) == "scale" for k in path), tree)
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+    parts = []
+    if tc.grad_clip:
+        parts.append(optax.clip_by_global_norm(tc.grad_clip))
+    parts.append(optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
+                             weight_decay=tc.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+# --- the step --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Static description of the step (hashable: part of the jit cache key)."""
+
+    config: ModelConfig
+    lora: M.LoraSpec | None
+    remat: str
+    n_micro: int
+    loss_chunk: int
+
+    @property
+    def dropout(self) -> bool:
+        return self.lora is not None and self.lora.dropout > 0
+
+
+def loss_sums(spec: StepSpec, trainable, frozen, batch, rng):
+    """(sum of token NLLs, trained-token count) for one micro-batch."""
+    if spec.lora is not None:
+        params, lora_params = frozen, trainable
+    else:
+        params, lora_params = trainable, None
+    hidden, head = M.forward(
+        spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+        lora_params=lora_params, lora=spec.lora, return_hidden=True,
+        rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat)
+    total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
+                            jnp.dtype(spec.config.dtype))
+    return total, token_count(batch["loss_mask"])
+
+
+def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, frozen, batch: dict):
+    """One optimizer step over `batch` ([batch_size, T] arrays), accumulating n_micro micro-batches."""
+    trainable = state["trainable"]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    micro = jax.tree.map(lambda x: x.reshape((spec.n_micro, -1) + x.shape[1:]), batch)
+    grad_fn = jax.value_and_grad(lambda t, b, r: loss_sums(spec, t, frozen, b, r), has_aux=True)
+
+    def body(acc, xs):
+        mb, i = xs
+        (s, n), g = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
+        g_acc, s_acc, n_acc = acc
+        return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g), s_acc + s, n_acc + n), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+    (g_sum, s_sum, n_sum), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(spec.n_micro)))
+    denom = jnp.maximum(n_sum, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, trainable)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = opt.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
+    metrics = {"loss": s_sum / denom, "grad_norm": grad_norm, "tokens": n_sum}
+    return new_state, metrics
+
+
+def eval_sums(spec: StepSpec, params, lora_params, batch):
+    if spec.lora is None:
+        lora_params = None
+    hidden, head = M.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                             lora_params=lora_params, lora=spec.lora, return_hidden=True)
+    total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
+                            jnp.dtype(spec.config.dtype))
+    return total, token_count(batch["loss_mask"])
+
+
+# --- state, shardings, checkpoints -----------------------------------------------------------------
+
+
+def init_state(trainable, opt, seed: int) -> dict:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": opt.init(trainable),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
+
+
+def state_shardings(opt, trainable_abstract, trainable_shardings, mesh):
+    opt_abstract = jax.eval_shape(opt.init, trainable_abstract)
+    rep = S.replicated(mesh)
+    opt_sh = optax.tree_map_params(opt, lambda _, sh: sh, opt_abstract, trainable_shardings,
+                                   transform_non_params=lambda _: rep)
+    return {"step": rep, "trainable": trainable_shardings, "opt_state": opt_sh, "rng": rep}
+
+
+def checkpoint_manager(run_dir: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options,
+                                 item_names=("state", "meta"))
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, force=False) -> None:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=force)
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, dict]:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                          meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+
+def latest_step(run_dir: Path) -> int | None:
+    ckpt = Path(run_dir) / "checkpoints"
+    if not ckpt.is_dir():
+        return None
+    mngr = ocp.CheckpointManager(ckpt.absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_names=("state", "meta"))
+    return mngr.latest_step()
+
+
+# --- throughput -------------------------------------------------------------------------------------
+
+_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12}
+
+
+def peak_flops_per_device() -> float:
+    """bf16 dense peak of the accelerator; on CPU the fp32 matmul rate measured here and now."""
+    dev = jax.devices()[0]
+    kind = dev.device_kind.lower()
+    for name, peak in _PEAK_FLOPS.items():
+        if name in kind:
+            return peak
+    return measured_matmul_flops()
+
+
+def measured_matmul_flops(n: int = 1024, reps: int = 8) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a = f(a)
+    a.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, lora: bool) -> float:
+    """Forward 2N, backward 4N for full training; with LoRA the frozen weights need no weight
+    gradient, so backward is ~2N (adapter FLOPs are negligible)."""
+    full = config.flops_per_token(seq_len)
+    if not lora:
+        return full
+    return full * 4.0 / 6.0
+
+
+# --- signals ----------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM asks the loop to save and stop after the current step; a second SIGINT
+    interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping",
+              flush=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    tmp.replace(path)
+
+
+def read_run_info(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir}: not a training run directory (no run.json)") from None
+
+
+def n_micro(batch_size: int, micro_batch_size: int | None) -> int:
+    if not micro_batch_size:
+        return 1
+    return batch_size // micro_batch_size
+

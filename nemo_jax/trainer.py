@@ -1,0 +1,261 @@
+"""`train(cfg)`: everything `train.py` does, from a RunConfig to a finished run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from nemo_jax import lora as lora_lib
+from nemo_jax import model as M
+from nemo_jax import sharding as S
+from nemo_jax import train_loop as TL
+from nemo_jax.config import ModelConfig, preset
+from nemo_jax.errors import UserError
+from nemo_jax.metrics import MetricsWriter, plot_losses
+
+
+def lora_spec(cfg) -> M.LoraSpec | None:
+    if not cfg.lora.enabled:
+        return None
+    return M.LoraSpec(rank=cfg.lora.rank, alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
+                      targets=tuple(cfg.lora.targets))
+
+
+def load_base(cfg) -> tuple[ModelConfig, dict | None]:
+    """The model config and base params (None when training from scratch: they are initialised later)."""
+    if cfg.model.checkpoint:
+        from nemo_jax.checkpoint import load
+
+        config, params = load(cfg.model.checkpoint, dtype=cfg.model.param_dtype)
+    else:
+        config, params = preset(cfg.model.preset), None
+    return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype), params
+
+
+def split_name(path: str) -> str:
+    return Path(path).stem
+
+
+def device_batch(batch: dict, sharding) -> dict:
+    """Per-process numpy rows -> global arrays laid out on the mesh (each process feeds its share)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in TL.BATCH_KEYS}
+
+
+def evaluate(eval_fn, params, lora_params, batches, sharding, max_batches=None) -> tuple[float, float]:
+    """Token-weighted mean NLL over every trained token of the split, and the token count."""
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        s, n = eval_fn(params, lora_params, device_batch(batch, sharding))
+        total += float(s)
+        count += float(n)
+    if count == 0:
+        raise UserError("evaluation split has no trained tokens")
+    return total / count, count
+
+
+def _check_batch(cfg, spec_n_micro: int):
+    if cfg.train.batch_size % jax.process_count():
+        raise UserError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
+                        f"processes ({jax.process_count()})")
+
+
+def train(cfg, config_text: str | None = None) -> Path:
+    from nemo_jax.data import make_eval_batches, make_train_iterator
+    from nemo_jax.tokenizer import load_tokenizer
+
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    spec_lora = lora_spec(cfg)
+    n_micro = TL.n_micro(tc.batch_size, tc.micro_batch_size)
+    _check_batch(cfg, n_micro)
+    if cfg.fp8.enabled:
+        raise UserError("fp8.enabled: FP8 quantisation-aware training is not available in this version")
+
+    mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
+    config, base = load_base(cfg)
+    if tc.seq_len > config.max_seq_len:
+        raise UserError(f"train.seq_len ({tc.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} does not fit the model's "
+                        f"vocab_size {config.vocab_size}")
+
+    step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk)
+    opt = TL.make_optimizer(tc)
+    axes = M.logical_axes(config, spec_lora)
+    abstract = M.abstract_variables(config, spec_lora)
+    param_sh = S.tree_shardings(axes["params"], abstract["params"], mesh)
+    rng = jax.random.key(tc.seed)
+    base_rng, lora_rng = jax.random.split(rng)
+    if base is None:
+        base = jax.jit(lambda r: M.init_params(config, r)["params"], out_shardings=param_sh)(base_rng)
+    else:
+        base = jax.device_put(base, param_sh)
+
+    if spec_lora is not None:
+        lora_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
+        trainable = jax.device_put(lora_lib.init_lora(config, spec_lora, lora_rng), lora_sh)
+        frozen, trainable_sh, frozen_sh = base, lora_sh, param_sh
+    else:
+        trainable, frozen, trainable_sh, frozen_sh = base, None, param_sh, None
+    state_sh = TL.state_shardings(opt, jax.eval_shape(lambda: trainable), trainable_sh, mesh)
+    state = jax.jit(functools.partial(TL.init_state, opt=opt, seed=tc.seed), out_shardings=state_sh)(trainable)
+    del trainable
+
+    process_batch = tc.batch_size // jax.process_count()
+    train_iter = make_train_iterator(
+        list(cfg.data.train), tokenizer, tc.seq_len, process_batch, tc.seed,
+        skip_bad_records=cfg.data.skip_bad_records, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+    mngr = TL.checkpoint_manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    start = mngr.latest_step() or 0
+    if start:
+        abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                      state, state_sh)
+        state, meta = TL.restore_checkpoint(mngr, start, abstract_state)
+        train_iter.restore(meta["data_state"])
+        print(f"resuming from step {start} in {run_dir / 'checkpoints'}", flush=True)
+    if start >= tc.steps:
+        print(f"{run_dir}: already trained for {start} steps (train.steps = {tc.steps}); nothing to do")
+        return run_dir
+
+    run_info = {
+        "format": "nemo_jax-run",
+        "model": config.to_dict(),
+        "lora": dataclasses.asdict(spec_lora) if spec_lora else None,
+        "base": {"checkpoint": str(Path(cfg.model.checkpoint).absolute()) if cfg.model.checkpoint else None,
+                 "preset": cfg.model.preset, "seed": tc.seed},
+    }
+    TL.write_json_atomic(run_dir / "run.json", run_info)
+    (run_dir / "config.yaml").write_text(config_text if config_text is not None else
+                                         yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    batch_sh = S.batch_sharding(mesh)
+    step_fn = jax.jit(functools.partial(TL.train_step, step_spec, opt),
+                      in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
+                      donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(TL.eval_sums, step_spec))
+    eval_bs = tc.micro_batch_size or tc.batch_size
+
+    def run_eval(step):
+        params, lora_params = (frozen, state["trainable"]) if spec_lora else (state["trainable"], None)
+        for path in cfg.data.eval:
+            batches = make_eval_batches(path, tokenizer, tc.seq_len, eval_bs)
+            loss, count = evaluate(eval_fn, params, lora_params, batches, batch_sh, tc.eval_batches)
+            rec = {"step": step, "split": split_name(path), "eval_loss": loss, "perplexity": float(np.exp(loss)),
+                   "tokens": int(count)}
+            writer.log(rec)
+            tqdm.write(f"step {step}: eval {rec['split']}: loss {loss:.4f} (ppl {rec['perplexity']:.2f}, "
+                       f"{int(count)} tokens)")
+
+    def save(step, force=False):
+        meta = {"step": step, "data_state": train_iter.state(), "config": cfg.to_dict()}
+        TL.save_checkpoint(mngr, step, state, meta, force=force)
+
+    writer = MetricsWriter(run_dir, start)
+    flops_tok = TL.flops_per_token(config, tc.seq_len, spec_lora is not None)
+    peak = TL.peak_flops_per_device() * jax.device_count()
+    tokens_per_step = tc.batch_size * tc.seq_len
+    schedule = TL.lr_schedule(tc)
+    if start == 0 and cfg.data.eval and tc.eval_every:
+        run_eval(0)
+
+    stop = TL.StopFlag()
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
+    step = start
+    t_last, steps_since = time.perf_counter(), 0
+    with stop:
+        while step < tc.steps:
+            batch = device_batch(next(train_iter), batch_sh)
+            state, metrics = step_fn(state, frozen, batch)
+            step += 1
+            steps_since += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+                now = time.perf_counter()
+                tps = tokens_per_step * steps_since / (now - t_last)
+                t_last, steps_since = now, 0
+                rec = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": gnorm,
+                       "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "trained_tokens": int(metrics["tokens"])}
+                writer.log(rec)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}")
+                if not np.isfinite(loss):
+                    raise UserError(f"step {step}: loss is {loss}; stopping (lower train.lr or check the data)")
+            if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
+                run_eval(step)
+            if stop.signum is not None:
+                save(step, force=True)
+                mngr.wait_until_finished()
+                bar.close()
+                writer.close()
+                print(f"stopped at step {step}; checkpoint saved in {run_dir / 'checkpoints'}; "
+                      f"run the same command again to resume", flush=True)
+                sys.exit(128 + stop.signum)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != tc.steps:
+                save(step)
+    bar.close()
+    if cfg.data.eval:
+        run_eval(step)
+    save(step, force=True)
+    mngr.wait_until_finished()
+    writer.close()
+    plot = plot_losses(run_dir)
+    print(f"done: {step} steps. run directory {run_dir}: checkpoints/, metrics.jsonl, tb/"
+          + (f", {plot.name}" if plot else ""), flush=True)
+    return run_dir
+
+
+# --- reading a run back ------------------------------------------------------------------------------
+
+
+def load_run(run_dir, dtype=None, step=None):
+    """(ModelConfig, base params, lora params or None, LoraSpec or None) of a run's newest checkpoint."""
+    import orbax.checkpoint as ocp
+
+    run_dir = Path(run_dir)
+    info = TL.read_run_info(run_dir)
+    config = ModelConfig.from_dict(info["model"], source=str(run_dir / "run.json"))
+    spec = M.LoraSpec(**{**info["lora"], "targets": tuple(info["lora"]["targets"])}) if info["lora"] else None
+    mngr = TL.checkpoint_manager(run_dir, keep=1 << 30, async_save=False)
+    step = step if step is not None else mngr.latest_step()
+    if step is None:
+        raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    trainable = restored["state"]["trainable"]
+    if dtype is not None:
+        config = config.replace(param_dtype=dtype)
+    if spec is None:
+        params = jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), trainable)
+        return config, params, None, None
+    base = info["base"]
+    if base["checkpoint"]:
+        from nemo_jax.checkpoint import load
+
+        _, params = load(base["checkpoint"], dtype=config.param_dtype)
+    else:
+        base_rng, _ = jax.random.split(jax.random.key(base["seed"]))
+        params = M.init_params(config, base_rng)["params"]
+    return config, params, trainable, spec
+
+
+def load_run_merged(run_dir, dtype=None):
+    config, params, lora_params, spec = load_run(run_dir, dtype)
+    if spec is not None:
+        params = lora_lib.merge(params, lora_params, spec)
+    return config, params

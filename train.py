@@ -1,0 +1,27 @@
+"""Train or fine-tune Mistral NeMo: `python train.py --config configs/lora.yaml [--set key.path=value ...]`.
+
+Re-running the same command resumes from the newest checkpoint in the config's output_dir.
+"""
+
+import argparse
+
+from nemo_jax.errors import cli_main
+
+
+@cli_main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run config (see configs/ and the README)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-5 (repeatable)")
+    args = p.parse_args(argv)
+
+    from nemo_jax.run_config import load_config
+    from nemo_jax.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
