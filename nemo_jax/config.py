@@ -81,10 +81,12 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "mistral-nemo-12b": ModelConfig(),
-    # Same widths ratios as NeMo (head_dim != dim / n_heads, GQA 4:1) at toy size; full Tekken vocab so
-    # the real tokenizer's ids fit.
-    "demo": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=48, hidden_dim=384, max_seq_len=4096),
-    "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, hidden_dim=128,
+    # NeMo's shape at toy size (head_dim != dim / n_heads, GQA). The vocab keeps Tekken's first 8192 ids
+    # (1000 control tokens + the 7192 most frequent merges; the tokenizer is cut to match, as Tekken
+    # files with a smaller default vocab are): the 131072-way LM head would be 95% of a CPU step.
+    "demo": ModelConfig(vocab_size=8192, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=48, hidden_dim=384,
+                        max_seq_len=4096),
+    "tiny": ModelConfig(vocab_size=1280, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, hidden_dim=128,
                         max_seq_len=2048),
 }
 

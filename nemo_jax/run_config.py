@@ -182,14 +182,13 @@ def _check_bounds(meta, v, path: str):
     gt, ge, lt, le = meta.get("gt"), meta.get("ge"), meta.get("lt"), meta.get("le")
     if (gt is not None and v <= gt) or (ge is not None and v < ge) or (lt is not None and v >= lt) or (
             le is not None and v > le):
-        lo = f"[{_num(ge)}" if ge is not None else f"({_num(gt)}" if gt is not None else None
-        hi = f"{_num(le)}]" if le is not None else f"{_num(lt)})" if lt is not None else None
+        lo = (">=", "[", ge) if ge is not None else (">", "(", gt) if gt is not None else None
+        hi = ("<=", "]", le) if le is not None else ("<", ")", lt) if lt is not None else None
         if lo and hi:
-            rule = f"in {lo}, {hi}"
-        elif lo:
-            rule = f"{'>=' if ge is not None else '>'} {lo[1:]}"
+            rule = f"in {lo[1]}{_num(lo[2])}, {_num(hi[2])}{hi[1]}"
         else:
-            rule = f"{'<=' if le is not None else '<'} {hi[:-1]}"
+            op, _, bound = lo or hi
+            rule = f"{op} {_num(bound)}"
         raise _bad(path, f"must be {rule}, got {_show(v)}")
 
 
@@ -476,8 +475,9 @@ def _unknown_key(cls, key, prefix: str) -> _ConfigError:
     if close:
         hint = f" — did you mean {_join(prefix, close[0])}?"
     else:  # the right key in the wrong section (train.rank -> lora.rank)
-        elsewhere = [p for p in _leaf_paths() if p.rsplit(".", 1)[-1] == str(key) and p != path]
-        hint = f" — did you mean {elsewhere[0]}?" if elsewhere else f" (expected one of {', '.join(names)})"
+        leaves = {p.rsplit(".", 1)[-1]: p for p in reversed(_leaf_paths()) if p != path}
+        close = difflib.get_close_matches(str(key), leaves, n=1, cutoff=0.75)
+        hint = f" — did you mean {leaves[close[0]]}?" if close else f" (expected one of {', '.join(names)})"
     return _ConfigError(f"unknown key {path}{hint}", path)
 
 
@@ -557,8 +557,6 @@ def _apply_override(data: dict, s: str, where: dict[str, str], locate):
     cls, node = RunConfig, data
     for i, part in enumerate(parts):
         prefix, path = ".".join(parts[:i]), ".".join(parts[: i + 1])
-        if cls is None:
-            raise UserError(f"{label}: {prefix} is a value, not a section")
         if part not in {f.name for f in dataclasses.fields(cls)}:
             raise UserError(f"{label}: {_unknown_key(cls, part, prefix)}")
         tp = _hints(cls)[part]
@@ -572,6 +570,8 @@ def _apply_override(data: dict, s: str, where: dict[str, str], locate):
                 del where[p]
             where[path] = label
             return
+        if sub is None:
+            raise UserError(f"{label}: {path} is a value, not a section")
         child = node.get(part)
         if child is None:
             child = node[part] = {}

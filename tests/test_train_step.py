@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from nemo_jax import lora as lora_lib
@@ -64,17 +65,17 @@ def test_lora_at_init_equals_base():
     np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))
 
 
-def run_steps(spec_lora, n_micro, steps, batch, trainable, frozen):
-    tc = train_cfg()
-    opt = TL.make_optimizer(tc)
+def run_steps(spec_lora, n_micro, steps, batch, trainable, frozen, opt=None):
+    adam = opt is None
+    opt = TL.make_optimizer(train_cfg()) if adam else opt
     spec = TL.StepSpec(CFG, spec_lora, "none", n_micro, 16)
     state = TL.init_state(trainable, opt, 0)
     step = jax.jit(functools.partial(TL.train_step, spec, opt))
     losses = []
     for _ in range(steps):
         state, m = step(state, frozen, batch)
-        losses.append(float(m["loss"]))
-    return state, losses
+        losses.append((float(m["loss"]), float(m["grad_norm"])))
+    return state, [l for l, _ in losses] if adam else losses
 
 
 def test_full_finetune_loss_falls_and_matches_reference():
@@ -110,10 +111,11 @@ def test_micro_batches_equal_one_big_batch():
     mask[:2, :] = 0
     mask[2, 5:] = 0
     batch["loss_mask"] = jnp.asarray(mask)
-    s1, l1 = run_steps(None, 1, 3, batch, params, None)
-    s4, l4 = run_steps(None, 4, 3, batch, params, None)
+    # plain SGD so parameters move by the gradient itself (Adam would magnify float noise in ~0 grads)
+    s1, l1 = run_steps(None, 1, 3, batch, params, None, optax.sgd(0.5))
+    s4, l4 = run_steps(None, 4, 3, batch, params, None, optax.sgd(0.5))
     np.testing.assert_allclose(l1, l4, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  s1["trainable"], s4["trainable"])
 
 

@@ -122,24 +122,35 @@ def unpermute(w: np.ndarray, n: int) -> np.ndarray:
     return w.reshape(n, 2, rows // n // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def to_ours(leaf: Leaf, fmt: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
-    """One layer's tensor as stored in `fmt` -> our layout (a view where possible; callers copy)."""
+def to_ours(leaf: Leaf, fmt: str, w: np.ndarray, c: ModelConfig, out: np.ndarray) -> None:
+    """Write one layer's tensor as stored in `fmt` into `out` (our layout, any float dtype: casts)."""
     if leaf.n_in == 0:
-        return w
+        out[...] = w
+        return
     if fmt == "mistral" and leaf.rope_heads:
         w = permute(w, getattr(c, leaf.rope_heads))
-    return w.T.reshape(leaf_shape(leaf, c))
+    _transpose_into(out.reshape(w.shape[1], w.shape[0]), w)
 
 
-def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig) -> np.ndarray:
-    """One layer of our leaf -> the contiguous tensor stored in `fmt`."""
+def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, dtype=None) -> np.ndarray:
+    """One layer of our leaf -> the new contiguous tensor stored in `fmt` (cast to `dtype` if given)."""
+    dtype = x.dtype if dtype is None else np.dtype(dtype)
     if leaf.n_in == 0:
-        return np.ascontiguousarray(x)
+        return np.array(x, dtype=dtype, order="C")
     shape = leaf_shape(leaf, c)
-    w = x.reshape(math.prod(shape[:leaf.n_in]), math.prod(shape[leaf.n_in:])).T
+    x2 = x.reshape(math.prod(shape[:leaf.n_in]), math.prod(shape[leaf.n_in:]))
+    w = np.empty(x2.shape[::-1], dtype)
+    _transpose_into(w, x2)
     if fmt == "mistral" and leaf.rope_heads:
-        w = unpermute(w, getattr(c, leaf.rope_heads))
-    return np.ascontiguousarray(w)
+        w = np.ascontiguousarray(unpermute(w, getattr(c, leaf.rope_heads)))
+    return w
+
+
+def _transpose_into(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:
+    """dst[...] = src.T, a few rows of src at a time: ~3x faster than one strided copy of a large
+    matrix (the block of src and its destination columns stay in cache)."""
+    for i in range(0, src.shape[0], block):
+        dst[:, i:i + block] = src[i:i + block].T
 
 
 def get_path(tree: dict, path: Path):

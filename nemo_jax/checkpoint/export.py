@@ -1,0 +1,119 @@
+"""Export a checkpoint to the published safetensors layouts, one stacked leaf in memory at a time.
+
+Each format is one function `(source, out_dir, options) -> None` in `EXPORTERS`, writing into an
+empty directory; `export_checkpoint` wraps it in the overwrite check and the temporary-directory
+rename. New formats (PEFT adapters, FP8 HF checkpoints) are new entries.
+
+Tensors are written grouped by leaf (every layer's q_proj, then every k_proj, ...), not layer by
+layer as transformers writes them: loaders go through the index by name, so the order inside a
+file is free, and this order reads each stacked leaf once. The safetensors headers are computed
+up front from the config, so each tensor goes to disk as soon as it is produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from nemo_jax.checkpoint import layout
+from nemo_jax.checkpoint.safetensors_io import Writer
+from nemo_jax.checkpoint.sources import HF_CONFIG, HF_INDEX, MISTRAL_FILE, MISTRAL_PARAMS, Source, np_dtype
+from nemo_jax.checkpoint.staging import staged_output
+from nemo_jax.config import ModelConfig, to_hf_config, to_params_json
+from nemo_jax.errors import UserError
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    dtype: str | None = None  # None: the stored dtype
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE  # bytes per HF shard (a larger single tensor gets its own)
+    progress: bool = False
+
+
+Exporter = Callable[[Source, Path, ExportOptions], None]
+Tensor = tuple[layout.Leaf, "int | None", str]  # (leaf, layer, name in the output format)
+
+
+def export_hf(source: Source, out: Path, opts: ExportOptions) -> None:
+    """HF transformers layout: config.json, model-0000k-of-0000n.safetensors, their index."""
+    config = source.config_for(opts.dtype)
+    itemsize = np_dtype(config.param_dtype).itemsize
+    shards: list[list[Tensor]] = [[]]
+    size = 0
+    for t in layout.tensor_names("hf", config):
+        nbytes = math.prod(layout.source_shape(t[0], config)) * itemsize
+        if shards[-1] and size + nbytes > opts.max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    total = _write_safetensors(source, config, "hf", [(out / f, s) for f, s in zip(files, shards)], opts.progress)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {name: f for f, s in zip(files, shards) for _, _, name in sorted(s, key=lambda t: t[2])}}
+    (out / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (out / HF_CONFIG).write_text(json.dumps(to_hf_config(config, config.param_dtype), indent=2) + "\n")
+
+
+def export_mistral(source: Source, out: Path, opts: ExportOptions) -> None:
+    """Mistral consolidated layout: params.json and one consolidated.safetensors."""
+    config = source.config_for(opts.dtype)
+    _write_safetensors(source, config, "mistral", [(out / MISTRAL_FILE, layout.tensor_names("mistral", config))],
+                       opts.progress)
+    (out / MISTRAL_PARAMS).write_text(json.dumps(to_params_json(config), indent=2) + "\n")
+
+
+EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "mistral": export_mistral}
+
+
+def export_checkpoint(source: Source, out: Path, fmt: str, opts: ExportOptions = ExportOptions(),
+                      force: bool = False) -> None:
+    if fmt not in EXPORTERS:
+        raise UserError(f"--format: expected one of {', '.join(EXPORTERS)}, got {fmt!r}")
+    protect = (source.path,) if hasattr(source, "path") else ()
+    with staged_output(Path(out), force, protect) as tmp:
+        EXPORTERS[fmt](source, tmp, opts)
+
+
+def _write_safetensors(source: Source, config: ModelConfig, fmt: str, files: list[tuple[Path, list[Tensor]]],
+                       progress: bool) -> int:
+    """Write `files` (consecutive runs of the leaf-ordered tensor list); returns the tensor bytes."""
+    dt = np_dtype(config.param_dtype)
+    total = sum(math.prod(layout.source_shape(leaf, config)) * dt.itemsize for _, ts in files for leaf, _, _ in ts)
+    current, value = None, None
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, desc="export") as bar:
+        for path, tensors in files:
+            entries = [(name, dt, layout.source_shape(leaf, config)) for leaf, _, name in tensors]
+            with Writer(path, entries, metadata={"format": "pt"}) as w:
+                for leaf, i, name in tensors:
+                    if leaf is not current:
+                        current, value = leaf, None  # drop the previous leaf before reading the next
+                        bar.set_postfix_str(leaf.key())
+                        value = source.read_leaf(leaf, config.param_dtype)
+                    x = layout.from_ours(leaf, fmt, value[i] if leaf.stacked else value, config)
+                    w.write(name, x)
+                    bar.update(x.nbytes)
+    return total
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size); '500MiB', '123' work too."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[t[len(num):]]
+    except (KeyError, ValueError):
+        raise UserError(f"--max-shard-size: expected a size like 5GB or 500MB, got {text!r}") from None
+    if value < 1:
+        raise UserError(f"--max-shard-size: must be positive, got {text!r}")
+    return int(value)
+

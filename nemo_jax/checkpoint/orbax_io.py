@@ -1,0 +1,195 @@
+"""nemo_jax's own model checkpoint: the param tree in orbax, the ModelConfig beside it.
+
+    CKPT/config.json   {"format": "nemo_jax", "version": 1, "model": ModelConfig.to_dict()}
+    CKPT/params/       an orbax PyTree checkpoint (orbax.checkpoint.v1) of the plain param dict
+                       {"embed": {"embedding": [V, D]}, "layers": {...}, ...} exactly as model.py
+                       lays it out, stored uncompressed (bf16/fp32 weights barely compress, and zstd
+                       would make conversion CPU-bound)
+
+Anything orbax can read opens `params/` on its own, e.g. `orbax.checkpoint.v1.load(CKPT/params,
+abstract_tree)` with abstract arrays carrying shardings, so each device reads only its part.
+`model.param_dtype` matches the stored arrays.
+
+Import writes the leaves one at a time with orbax's partial save (one stacked tensor in memory at a
+time) and finalizes once at the end; `save_orbax` writes a tree that is already in memory (and may
+be sharded) in one go. Both produce the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from nemo_jax.checkpoint import layout
+from nemo_jax.checkpoint.sources import Source, dtype_name, np_dtype
+from nemo_jax.checkpoint.staging import staged_output
+from nemo_jax.config import DTYPES, ModelConfig, read_json
+from nemo_jax.errors import UserError
+
+FORMAT, VERSION = "nemo_jax", 1
+CONFIG_FILE, PARAMS_DIR = "config.json", "params"
+
+
+def _ocp():
+    """orbax.checkpoint.v1, quietened: its INFO logs and deprecation chatter are not for our users."""
+    warnings.filterwarnings("ignore", module=r"orbax\..*")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from orbax.checkpoint import v1 as ocp
+
+    return ocp
+
+
+def _context(partial_load: bool = False):
+    ocp = _ocp()
+    ctx = ocp.Context()
+    ctx.array.saving.use_compression = False
+    ctx.pytree.loading.partial_load = partial_load
+    return ctx
+
+
+def is_checkpoint(path: Path) -> bool:
+    """True for a directory with our config.json (complete or not: the reader says what is wrong)."""
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        return False
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """The nemo_jax model checkpoint directory that `path` names.
+
+    The one place that maps a user's path to a model checkpoint: today only a checkpoint directory
+    itself; the training code extends it to map a run directory to its newest checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    if is_checkpoint(path):
+        return path
+    raise UserError(f"{path}: not a checkpoint (expected a nemo_jax checkpoint with {CONFIG_FILE} and "
+                    f"{PARAMS_DIR}/, an HF directory with config.json and model.safetensors[.index.json], "
+                    f"or a Mistral directory with params.json and consolidated.safetensors)")
+
+
+def write_config(out: Path, config: ModelConfig) -> None:
+    meta = {"format": FORMAT, "version": VERSION, "model": config.to_dict()}
+    (Path(out) / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_orbax(out_dir: Path, config: ModelConfig, params: dict, force: bool = False) -> None:
+    """Save an in-memory (possibly sharded) param tree as a nemo_jax checkpoint at `out_dir`.
+
+    Written to a temporary directory and renamed at the end (see staging.py); single-process only.
+    """
+    leaves = jax.tree.leaves(params)
+    dtypes = {dtype_name(x.dtype) for x in leaves}
+    if dtypes != {config.param_dtype}:
+        raise ValueError(f"params are {sorted(dtypes)} but config.param_dtype is {config.param_dtype}")
+    ocp = _ocp()
+    with staged_output(Path(out_dir), force) as tmp:
+        with _context():
+            ocp.save(tmp / PARAMS_DIR, params)
+        write_config(tmp, config)
+
+
+class StreamingWriter:
+    """Writes a checkpoint leaf by leaf into `out` (an empty directory), holding one leaf at a time."""
+
+    def __init__(self, out: Path, config: ModelConfig):
+        self.out, self.config = Path(out), config
+        self._ocp = _ocp()
+
+    def add(self, leaf: layout.Leaf, value: np.ndarray) -> None:
+        with _context():
+            self._ocp.partial.save(self.out / PARAMS_DIR, layout.nest({leaf.path: value}))
+
+    def finish(self) -> None:
+        with _context():
+            self._ocp.partial.finalize(self.out / PARAMS_DIR)
+        write_config(self.out, self.config)
+
+
+def import_checkpoint(source: Source, out: Path, dtype: str | None = None, force: bool = False,
+                      progress: bool = False) -> ModelConfig:
+    """Convert any source to a nemo_jax checkpoint at `out`, one stacked leaf in memory at a time."""
+    config = source.config_for(dtype)
+    dt = np_dtype(config.param_dtype)
+    total = sum(int(np.prod(layout.stacked_shape(leaf, config))) * dt.itemsize for leaf in layout.LEAVES)
+    protect = (source.path,) if hasattr(source, "path") else ()
+    with staged_output(Path(out), force, protect) as tmp, \
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+                 desc="import") as bar:
+        writer = StreamingWriter(tmp, config)
+        for leaf in layout.LEAVES:
+            bar.set_postfix_str(leaf.key())
+            value = source.read_leaf(leaf, config.param_dtype, on_bytes=bar.update)
+            writer.add(leaf, value)
+            del value
+        writer.finish()
+    return config
+
+
+class OrbaxSource(Source):
+    format = "orbax"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.description = f"{self.path} (nemo_jax checkpoint)"
+        meta = read_json(self.path / CONFIG_FILE)
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION or not isinstance(meta.get("model"), dict):
+            raise UserError(f"{self.path / CONFIG_FILE}: expected format {FORMAT!r} version {VERSION} "
+                            f"with a 'model' section")
+        config = ModelConfig.from_dict(meta["model"], source=str(self.path / CONFIG_FILE))
+        params = self.path / PARAMS_DIR
+        ocp = _ocp()
+        if not params.is_dir() or not ocp.is_orbax_checkpoint(params):
+            raise UserError(f"{params}: missing or incomplete orbax checkpoint")
+        stored = ocp.metadata(params).metadata
+        dtypes = set()
+        for leaf in layout.LEAVES:
+            try:
+                m = layout.get_path(stored, leaf.path)
+            except (KeyError, TypeError):
+                raise UserError(f"{params}: missing tensor {leaf.key()!r}") from None
+            if tuple(m.shape) != layout.stacked_shape(leaf, config):
+                raise UserError(f"{params}: tensor {leaf.key()!r} has shape {list(m.shape)}, but "
+                                f"{self.path / CONFIG_FILE} implies {list(layout.stacked_shape(leaf, config))}")
+            dtypes.add(dtype_name(m.dtype))
+        extra = set(_flat_keys(stored)) - {leaf.key() for leaf in layout.LEAVES}
+        if extra:
+            raise UserError(f"{params}: unexpected tensor {sorted(extra)[0]!r}")
+        self.stored_dtype = dtypes.pop() if len(dtypes) == 1 else "mixed (" + ", ".join(sorted(dtypes)) + ")"
+        self.config = config.replace(param_dtype=self.stored_dtype) if self.stored_dtype in DTYPES else config
+
+    def read_leaf(self, leaf, dtype, layers=None, on_bytes=None) -> np.ndarray:
+        target = np.empty(layout.stacked_shape(leaf, self.config), np_dtype(dtype))  # placeholder: no data touched
+        with _context(partial_load=True):
+            out = layout.get_path(self._ocp.load(self.path / PARAMS_DIR, layout.nest({leaf.path: target})), leaf.path)
+        if on_bytes:
+            on_bytes(out.nbytes)
+        return out[layers] if (leaf.stacked and layers is not None) else out
+
+    def restore(self, abstract) -> dict:
+        with _context():
+            return self._ocp.load(self.path / PARAMS_DIR, abstract)
+
+    @property
+    def _ocp(self):
+        return _ocp()
+
+
+def _flat_keys(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat_keys(v, prefix + (k,))
+    else:
+        yield "/".join(prefix)

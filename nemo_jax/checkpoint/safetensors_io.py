@@ -1,0 +1,176 @@
+"""Streaming safetensors: read one tensor at a time, write shards one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to its
+dtype, shape and [begin, end) byte offsets into the data that follows, then the raw row-major data.
+
+Why not `safetensors.safe_open`: it memory-maps the file, and every page a read touches stays in the
+process's resident set until the file is closed, so reading a 5 GB shard tensor by tensor shows 5 GB
+of RSS. Reading with plain `readinto` into the destination buffer costs exactly the tensor, and
+writing with a header computed up front lets an exporter stream a 5 GB shard without building it in
+memory. The header checks mirror the safetensors library's (known dtypes, offsets that tile the data
+exactly), so a truncated or corrupt file is reported by name before anything is converted; the
+tests cross-check both directions against the library and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from nemo_jax.errors import UserError
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+_CHUNK = 1 << 30  # read in 1 GiB pieces (one read() returns at most ~2 GiB on Linux)
+
+
+class Entry:
+    __slots__ = ("name", "dtype", "shape", "begin", "end")
+
+    def __init__(self, name: str, dtype: np.dtype, shape: tuple[int, ...], begin: int, end: int):
+        self.name, self.dtype, self.shape, self.begin, self.end = name, dtype, shape, begin, end
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class SafetensorsFile:
+    """The header of one .safetensors file, validated; tensors are read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise self._error(f"not a safetensors file ({size} bytes)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise self._error(f"corrupt or truncated header (header length {n}, file size {size})")
+                header_bytes = f.read(n)
+        except FileNotFoundError:
+            raise UserError(f"{self.path}: file not found") from None
+        except IsADirectoryError:
+            raise UserError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        try:
+            header = json.loads(header_bytes)
+            if not isinstance(header, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise self._error(f"corrupt header ({e})") from None
+        self.data_start = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, Entry] = {}
+        for name, info in header.items():
+            self.entries[name] = self._entry(name, info)
+        # The tensors must tile the data region exactly, as the safetensors library requires.
+        expected = 0
+        for e in sorted(self.entries.values(), key=lambda e: e.begin):
+            if e.begin != expected:
+                raise self._error(f"corrupt header: tensor {e.name!r} starts at byte {e.begin}, expected {expected}")
+            expected = e.end
+        available = size - self.data_start
+        if available < expected:
+            last = max(self.entries.values(), key=lambda e: e.end)
+            raise self._error(f"truncated: the header needs {expected} data bytes, the file has {available} "
+                              f"(tensor {last.name!r} and possibly others are cut off)")
+        if available > expected:
+            raise self._error(f"corrupt: {available - expected} bytes after the last tensor")
+
+    def _error(self, msg: str) -> UserError:
+        return UserError(f"{self.path}: {msg}")
+
+    def _entry(self, name: str, info) -> Entry:
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise self._error(f"corrupt header entry for tensor {name!r}: {info!r}")
+        if info["dtype"] not in DTYPES:
+            raise self._error(f"tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        dtype = DTYPES[info["dtype"]]
+        try:
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (TypeError, ValueError):
+            raise self._error(f"corrupt header entry for tensor {name!r}: {info!r}") from None
+        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+            raise self._error(f"corrupt header: tensor {name!r} has shape {list(shape)} and dtype {info['dtype']} "
+                              f"but spans bytes [{begin}, {end})")
+        return Entry(name, dtype, shape, begin, end)
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor as a new array (or into `out`, a C-contiguous array of the same shape and dtype)."""
+        e = self.entries[name]
+        if out is None:
+            out = np.empty(e.shape, e.dtype)
+        assert out.shape == e.shape and out.dtype == e.dtype and out.flags.c_contiguous
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            pos, offset = 0, self.data_start + e.begin
+            while pos < e.nbytes:
+                n = os.preadv(f.fileno(), [buf[pos:pos + _CHUNK]], offset + pos)
+                if n <= 0:
+                    raise self._error(f"truncated while reading tensor {name!r}")
+                pos += n
+        return out
+
+
+class Writer:
+    """Writes one .safetensors file tensor by tensor, in the order given up front.
+
+    The header (names, dtypes, shapes, offsets) is fixed at construction, so each tensor can go
+    straight to disk as it is produced.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header, offset = {}, 0
+        if metadata:
+            header["__metadata__"] = metadata
+        self._expected = []
+        for name, dtype, shape in entries:
+            dtype = np.dtype(dtype)
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._expected.append((name, dtype, tuple(shape)))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned, as the library does
+        self.nbytes = 8 + len(raw) + offset
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, x: np.ndarray) -> None:
+        want = self._expected[self._next]
+        if (name, x.dtype, x.shape) != want:
+            raise AssertionError(f"{self.path}: writing {(name, x.dtype, x.shape)}, expected {want}")
+        self._f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            raise AssertionError(f"{self.path}: {len(self._expected) - self._next} tensors were not written")
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()

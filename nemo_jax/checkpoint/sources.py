@@ -1,0 +1,181 @@
+"""Checkpoints to read from, one stacked leaf at a time.
+
+A `Source` knows its ModelConfig (param_dtype = the stored dtype) and can produce any leaf of the
+param tree, or a range of its layers, as a numpy array in our layout. Everything that reads weights
+(load, restore into shardings, import, export) goes through this interface, so each of them streams
+and each accepts every format.
+
+`SafetensorsSource` reads the two published layouts:
+
+    hf       config.json + model.safetensors, or + model.safetensors.index.json and its shards
+    mistral  params.json + consolidated.safetensors
+
+and checks, before any weight is read, that the files hold exactly the tensors the config implies
+with the right shapes (the error names the file and the tensor).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from nemo_jax.checkpoint import layout
+from nemo_jax.checkpoint.safetensors_io import SafetensorsFile
+from nemo_jax.config import DTYPES, ModelConfig, from_hf_config, from_params_json, read_json
+from nemo_jax.errors import UserError
+
+HF_CONFIG, HF_SINGLE, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+MISTRAL_PARAMS, MISTRAL_FILE = "params.json", "consolidated.safetensors"
+
+
+def dtype_name(dtype) -> str:
+    return np.dtype(dtype).name  # "float32", "bfloat16", "float16", ...
+
+
+def np_dtype(name: str) -> np.dtype:
+    return np.dtype(jax.numpy.dtype(name))  # knows "bfloat16" through ml_dtypes
+
+
+class Source:
+    """Base class: subclasses set the attributes below and implement `read_leaf`."""
+
+    config: ModelConfig  # as the checkpoint describes it; param_dtype = stored_dtype where the model allows
+    stored_dtype: str  # "bfloat16", "float32", but also e.g. "float16" or "mixed (...)"
+    description: str  # for messages: the path and the format
+    format: str  # "orbax", "hf", "mistral"
+
+    def read_leaf(self, leaf: layout.Leaf, dtype: str, layers: slice | None = None,
+                  on_bytes: Callable[[int], None] | None = None) -> np.ndarray:
+        """The leaf (only `layers` of its L axis if given) in our layout, as a new `dtype` array.
+
+        `on_bytes(n)` is called as parts of it are ready (for progress bars)."""
+        raise NotImplementedError
+
+    def abstract(self, dtype: str | None = None):
+        """The param tree as ShapeDtypeStructs (no sharding), in `dtype` or the stored one."""
+        dt = np_dtype(self.resolve_dtype(dtype))
+        return layout.nest({leaf.path: jax.ShapeDtypeStruct(layout.stacked_shape(leaf, self.config), dt)
+                            for leaf in layout.LEAVES})
+
+    def resolve_dtype(self, dtype: str | None) -> str:
+        """The dtype to load in: the requested one, else the stored one if the model can use it."""
+        if dtype is not None:
+            if dtype not in DTYPES:
+                raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+            return dtype
+        if self.stored_dtype not in DTYPES:
+            raise UserError(f"{self.description}: weights are stored as {self.stored_dtype}; choose a dtype to "
+                            f"convert them to (--dtype {' or '.join(DTYPES)})")
+        return self.stored_dtype
+
+    def config_for(self, dtype: str | None) -> ModelConfig:
+        """The ModelConfig of the weights as loaded in `dtype` (param_dtype set accordingly)."""
+        return self.config.replace(param_dtype=self.resolve_dtype(dtype))
+
+    def restore(self, abstract) -> dict:
+        """The params as jax Arrays laid out as `abstract`'s shardings say (each device's part only).
+
+        Each addressable shard is built from just the layers it covers, so a host reads what its
+        devices hold; consecutive devices asking for the same layers share one read.
+        """
+        def make(leaf: layout.Leaf):
+            target = layout.get_path(abstract, leaf.path)
+            dtype = dtype_name(target.dtype)
+            cache: dict = {}
+
+            def shard(index):
+                lead = index[0] if leaf.stacked and index else slice(None)
+                key = (lead.start, lead.stop, lead.step)
+                if key not in cache:
+                    cache.clear()
+                    cache[key] = self.read_leaf(leaf, dtype, lead if leaf.stacked else None)
+                rest = index[1:] if leaf.stacked else index
+                return cache[key][(slice(None),) + tuple(rest) if leaf.stacked else tuple(rest)]
+
+            arr = jax.make_array_from_callback(target.shape, target.sharding, shard)
+            cache.clear()
+            return arr
+
+        return layout.nest({leaf.path: make(leaf) for leaf in layout.LEAVES})
+
+
+class SafetensorsSource(Source):
+    """An HF or Mistral safetensors checkpoint directory (see the module docstring)."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.format = Path(path), fmt
+        self.description = f"{self.path} ({'HF' if fmt == 'hf' else 'Mistral'} safetensors)"
+        if fmt == "hf":
+            config = from_hf_config(read_json(self.path / HF_CONFIG), source=str(self.path / HF_CONFIG))
+            files = self._hf_files()
+        else:
+            config = from_params_json(read_json(self.path / MISTRAL_PARAMS), source=str(self.path / MISTRAL_PARAMS))
+            files = {None: self.path / MISTRAL_FILE}
+        self.files: dict[str, SafetensorsFile] = {}  # tensor name -> its file
+        opened = {p: SafetensorsFile(p) for p in sorted(set(files.values()))}
+        for f in opened.values():
+            for name in f.entries:
+                if name in self.files:
+                    raise UserError(f"{f.path}: tensor {name!r} also appears in {self.files[name].path}")
+                self.files[name] = f
+        for name, p in files.items():  # the index must agree with the shards' own headers
+            if name is not None and name not in opened[p].entries:
+                raise UserError(f"{p}: missing tensor {name!r} (listed in {HF_INDEX})")
+        config_file = HF_CONFIG if fmt == "hf" else MISTRAL_PARAMS
+        expected = {}
+        for leaf, i, name in layout.tensor_names(fmt, config):
+            expected[name] = leaf
+            if name not in self.files:
+                where = self.path / HF_INDEX if (fmt == "hf" and None not in files) else next(iter(opened))
+                raise UserError(f"{where}: missing tensor {name!r}")
+            shape = self.files[name].entries[name].shape
+            if shape != layout.source_shape(leaf, config):
+                raise UserError(f"{self.files[name].path}: tensor {name!r} has shape {list(shape)}, but "
+                                f"{config_file} implies {list(layout.source_shape(leaf, config))}")
+        for name, f in self.files.items():
+            if name not in expected:
+                raise UserError(f"{f.path}: unexpected tensor {name!r} (not part of a {fmt} checkpoint "
+                                f"of the model {config_file} describes)")
+        stored = {dtype_name(f.entries[n].dtype) for n, f in self.files.items()}
+        self.stored_dtype = stored.pop() if len(stored) == 1 else "mixed (" + ", ".join(sorted(stored)) + ")"
+        self.config = config.replace(param_dtype=self.stored_dtype) if self.stored_dtype in DTYPES else config
+
+    def _hf_files(self) -> dict[str | None, Path]:
+        index, single = self.path / HF_INDEX, self.path / HF_SINGLE
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{index}: no weight_map")
+            for name, file in weight_map.items():
+                if not isinstance(file, str) or "/" in file or not (self.path / file).is_file():
+                    raise UserError(f"{self.path / str(file)}: file not found (listed for tensor {name!r} in {index})")
+            return {name: self.path / file for name, file in weight_map.items()}
+        if single.exists():
+            return {None: single}
+        raise UserError(f"{self.path}: no {HF_SINGLE} or {HF_INDEX} (only safetensors checkpoints are supported)")
+
+    def read_leaf(self, leaf, dtype, layers=None, on_bytes=None) -> np.ndarray:
+        dt, c = np_dtype(dtype), self.config
+        on_bytes = on_bytes or (lambda n: None)
+        if not leaf.stacked:
+            out = np.empty(layout.leaf_shape(leaf, c), dt)
+            self._read_into(leaf, None, out)
+            on_bytes(out.nbytes)
+            return out
+        idx = range(c.n_layers)[layers] if layers is not None else range(c.n_layers)
+        out = np.empty((len(idx),) + layout.leaf_shape(leaf, c), dt)
+        for j, i in enumerate(idx):
+            self._read_into(leaf, i, out[j])
+            on_bytes(out[j].nbytes)
+        return out
+
+    def _read_into(self, leaf: layout.Leaf, layer: int | None, out: np.ndarray) -> None:
+        name = leaf.name(self.format, layer)
+        f = self.files[name]
+        if leaf.n_in == 0 and f.entries[name].dtype == out.dtype:
+            f.read(name, out=out)  # straight into place, no temporary
+        else:
+            layout.to_ours(leaf, self.format, f.read(name), self.config, out)

@@ -1,0 +1,48 @@
+"""Write a checkpoint directory so that only a finished one ever carries its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from nemo_jax.errors import UserError
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool = False, protect: tuple[Path, ...] = ()):
+    """Yield an empty temporary directory beside `out`; rename it to `out` when the block succeeds.
+
+    A non-empty `out` is refused unless `force`; with `force` the old directory is replaced only
+    after the new one is complete. On any failure (Ctrl-C included) the temporary directory is
+    removed, so an interrupted conversion leaves nothing that looks complete. `protect` lists inputs
+    that `out` must not be, or contain, since replacing it would delete them.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: exists and is not empty (pass --force to replace it)")
+    resolved = out.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if p == resolved or resolved in p.parents:
+            raise UserError(f"{out}: refusing to write over the input {p}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tag}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

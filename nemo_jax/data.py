@@ -1,0 +1,560 @@
+"""Training and eval data: files -> tokenized documents (HF datasets, cached) -> packed batches.
+
+Sources
+    A source is a `.jsonl`, `.json` (a JSON array, or JSON lines) or `.parquet` file, a directory
+    (searched recursively for those) or a glob. `path:weight` mixes sources by weight, as in
+    mistral-finetune: each document is drawn from source i with probability w_i / sum(w).
+    Records are `{"text": str}` (pretraining: `<s> text </s>`, every token trained) or
+    `{"messages": [...], "tools": [...]}` (instruct, `Tokenizer.encode_chat`: only assistant turns
+    are trained). Other keys are ignored; in parquet, `messages`/`tools` may be JSON strings.
+
+Tokenisation
+    Each file is tokenized once with `datasets.map` (in parallel for large files) and saved under
+    `cache_dir`, keyed by the file's path, size and mtime, the tokenizer file and this code; later
+    runs memory-map the saved Arrow files and start at once.
+
+Batches: a dict of numpy arrays, each [B, T] (B = this process's rows, T = seq_len)
+    tokens       int32    input ids
+    targets      int32    the next token of the same document: what position t must predict
+    loss_mask    float32  1.0 where targets[b, t] is trained, 0.0 elsewhere (padding, prompts, weight 0)
+    segment_ids  int32    1, 2, 3, ... for the document pieces of a row; 0 for padding
+    positions    int32    position within the document piece, from 0
+
+    The next-token shift is done here, per document: a document of n tokens gives the n - 1 pairs
+    (ids[:-1] -> ids[1:]), `loss_mask` is the document's mask shifted the same way, and no position
+    ever has another document's token as its target. Attention must stay within a segment.
+
+Packing
+    Rows are filled in order with whole documents; a document that does not fit the rest of a row
+    starts the next row (the rest is padding). A document with more than T pairs is cut into pieces:
+    its head fills the current row and the rest continues in the next rows, every piece a new
+    segment starting at position 0. No token is dropped or repeated.
+
+Order and resumption
+    Each source is shuffled with a permutation drawn from (seed, source, epoch), and cycles through
+    its epochs independently; mixture draws come from (seed, draw number). The whole iterator
+    position is `PackedIterator.state()`, a small JSON-serialisable dict; `restore(state)` continues
+    with exactly the batches the uninterrupted run would have produced.
+
+Eval
+    `make_eval_batches` packs documents in file order, each exactly once, with segment ids (no
+    attention across documents); long documents are split as above (a later piece does not see the
+    earlier one). The last batch is completed with empty rows (all-zero loss_mask).
+
+Multi-host
+    `batch_size` is the global batch. Every process lays out the same global batch from document
+    lengths alone and reads the tokens of its own rows, `process_index`'s contiguous block of
+    batch_size / process_count rows.
+
+Bad data
+    A malformed JSON line, a record of neither kind or with fields of the wrong type raises
+    `UserError("file:line: reason")`; with `skip_bad_records=True` such records are skipped, counted
+    and reported in `summary()` and the log. A source with no documents or no trained tokens is an error.
+"""
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from nemo_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = (".jsonl", ".json", ".parquet")
+_RAW = datasets.Features({"loc": datasets.Value("int64"), "raw": datasets.Value("string"), "error": datasets.Value("string")})
+_TOKENIZED = datasets.Features({
+    "loc": datasets.Value("int64"),
+    "error": datasets.Value("string"),
+    "ids": datasets.List(datasets.Value("int32")),
+    "mask": datasets.List(datasets.Value("bool")),
+    "trained": datasets.Value("int64"),
+})  # fmt: skip
+
+
+def _code_version() -> str:
+    """Hash of the code that produces tokenized files, so a change invalidates their caches."""
+    h = hashlib.sha256()
+    for mod in ("tokenizer.py", "data.py"):
+        with open(os.path.join(os.path.dirname(__file__), mod), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("NEMO_JAX_DATA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nemo_jax", "data")
+
+
+# ---- sources ----------------------------------------------------------------------------------
+
+
+def parse_source(spec: str) -> tuple[str, float]:
+    """'path' or 'path:weight' -> (path, weight)."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or not path:
+        return spec, 1.0
+    try:
+        w = float(weight)
+    except ValueError:
+        return spec, 1.0  # a colon inside the path
+    if not (math.isfinite(w) and w > 0):
+        raise UserError(f"data source {spec!r}: weight must be a positive number")
+    return path, w
+
+
+def source_files(path: str) -> list[str]:
+    """The data files a path, directory or glob stands for, sorted."""
+    if any(c in path for c in "*?["):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f) and f.endswith(_EXTENSIONS))
+    elif os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(_EXTENSIONS)
+        )
+    elif os.path.isfile(path):
+        if not path.endswith(_EXTENSIONS):
+            raise UserError(f"{path}: unsupported data file type, expected one of {', '.join(_EXTENSIONS)}")
+        files = [path]
+    else:
+        raise UserError(f"{path}: no such data file or directory")
+    if not files:
+        raise UserError(f"{path}: no {'/'.join(_EXTENSIONS)} files found")
+    return files
+
+
+# ---- reading and tokenizing one file ----------------------------------------------------------
+
+
+def _where(path: str, loc: int) -> str:
+    if path.endswith(".jsonl") or path.endswith(".json") and not _is_json_array(path):
+        return f"{path}:{loc}"
+    return f"{path}: {'row' if path.endswith('.parquet') else 'record'} {loc}"
+
+
+def _is_json_array(path: str) -> bool:
+    """Does a .json file hold one JSON array (rather than JSON lines)?"""
+    with open(path, "rb") as f:
+        while chunk := f.read(65536):
+            if chunk := chunk.lstrip(b" \t\r\n"):
+                return chunk.startswith(b"[")
+    return False
+
+
+def _read_records(path: str):
+    """Yield {"loc", "raw" (one record as JSON text), "error"}; never raises on bad records."""
+    if path.endswith(".parquet"):
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1
+                try:
+                    for key in ("messages", "tools"):
+                        if isinstance(rec.get(key), str):
+                            rec[key] = json.loads(rec[key])
+                    yield {"loc": row, "raw": json.dumps(rec, ensure_ascii=False), "error": ""}
+                except (ValueError, TypeError) as e:
+                    yield {"loc": row, "raw": "", "error": f"cannot read row: {e}"}
+    elif _is_json_array(path):
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)  # checked by _check_json_array before we get here
+        for i, rec in enumerate(records, 1):
+            yield {"loc": i, "raw": json.dumps(rec, ensure_ascii=False), "error": ""}
+    else:
+        with open(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue  # blank lines hold no record
+                try:
+                    yield {"loc": line_no, "raw": line.decode("utf-8"), "error": ""}
+                except UnicodeDecodeError as e:
+                    yield {"loc": line_no, "raw": "", "error": f"not valid UTF-8 at byte {e.start}"}
+
+
+def _check_json_array(path: str) -> None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    if not isinstance(records, list):
+        raise UserError(f"{path}: a .json data file must hold a list of records or JSON lines")
+
+
+def _record_kind(rec) -> str:
+    """'text' or 'messages'; raises ValueError(reason) for anything else."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(rec).__name__}")
+    has_text, has_messages = rec.get("text") is not None, rec.get("messages") is not None
+    if has_text and has_messages:
+        raise ValueError("a record has either 'text' or 'messages', not both")
+    if has_text:
+        if not isinstance(rec["text"], str):
+            raise ValueError(f"'text' must be a string, got {type(rec['text']).__name__}")
+        return "text"
+    if has_messages:
+        if not isinstance(rec["messages"], list):
+            raise ValueError(f"'messages' must be a list, got {type(rec['messages']).__name__}")
+        if rec.get("tools") is not None and not isinstance(rec["tools"], list):
+            raise ValueError(f"'tools' must be a list, got {type(rec['tools']).__name__}")
+        return "messages"
+    raise ValueError(f"a record needs 'text' or 'messages'; found keys {sorted(rec)}")
+
+
+def _tokenize_batch(batch: dict, tokenizer) -> dict:
+    n = len(batch["raw"])
+    ids, mask, errors = [[] for _ in range(n)], [[] for _ in range(n)], list(batch["error"])
+    texts = {}
+    for i in range(n):
+        if errors[i]:
+            continue
+        try:
+            rec = json.loads(batch["raw"][i])
+            if _record_kind(rec) == "text":
+                texts[i] = rec["text"]
+            else:
+                ids[i], mask[i] = tokenizer.encode_chat(rec["messages"], rec.get("tools"))
+        except json.JSONDecodeError as e:
+            errors[i] = f"malformed JSON: {e.msg} (column {e.colno})"
+        except (ValueError, UserError) as e:
+            errors[i] = str(e)
+    for i, doc in zip(texts, tokenizer.encode_batch(list(texts.values()), bos=True, eos=True)):
+        ids[i], mask[i] = doc, [True] * len(doc)
+    trained = [sum(m[1:]) for m in mask]
+    return {"loc": batch["loc"], "error": errors, "ids": ids, "mask": mask, "trained": trained}
+
+
+def tokenize_file(path: str, tokenizer, *, num_proc: int | None = None, cache_dir: str | None = None):
+    """One data file -> a datasets.Dataset (loc, error, ids, mask, trained), cached on disk."""
+    cache_dir = cache_dir or default_cache_dir()
+    st = os.stat(path)
+    key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, tokenizer.fingerprint, _code_version()])
+    key = hashlib.sha256(key.encode()).hexdigest()[:24]
+    out = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
+    if os.path.exists(os.path.join(out, "dataset_info.json")):
+        return datasets.load_from_disk(out)
+    if path.endswith(".json") and _is_json_array(path):
+        _check_json_array(path)
+    os.makedirs(cache_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
+    try:
+        raw = datasets.Dataset.from_generator(
+            _read_records, features=_RAW, gen_kwargs={"path": path}, cache_dir=work, fingerprint=f"{key}-raw"
+        )
+        if num_proc is None:  # worker start-up (~1 s) only pays off on large files
+            num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 20_000))
+        tokenized = raw.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=256,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=["raw"],
+            features=_TOKENIZED,
+            fn_kwargs={"tokenizer": tokenizer},
+            new_fingerprint=key,
+            desc=f"tokenizing {os.path.basename(path)}",
+        )
+        tokenized.save_to_disk(os.path.join(work, "out"))
+        try:
+            os.rename(os.path.join(work, "out"), out)
+        except OSError:  # another process saved it first
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return datasets.load_from_disk(out)
+
+
+# ---- documents --------------------------------------------------------------------------------
+
+
+class Documents:
+    """The tokenized documents of one source, memory-mapped; document i -> (ids, mask)."""
+
+    def __init__(self, tables, name: str, bad: int = 0, bad_example: str = ""):
+        self.name, self.bad, self.bad_example = name, bad, bad_example
+        self._chunks, starts, lengths, valid = [], [0], [], []
+        for table in tables:
+            for batch in table.select(["ids", "mask", "error"]).to_batches():
+                ids, mask, err = batch.columns
+                offsets = ids.offsets.to_numpy()
+                self._chunks.append((offsets, ids.values.to_numpy(), mask.offsets.to_numpy(), mask.values))
+                starts.append(starts[-1] + len(ids))
+                lengths.append(np.diff(offsets))
+                valid.append(pc.equal(err, "").to_numpy(zero_copy_only=False))
+        self._starts = np.array(starts, np.int64)
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        valid = (np.concatenate(valid) if valid else np.zeros(0, bool)) & (lengths >= 2)
+        self._rows = np.flatnonzero(valid)  # documents -> rows; bad records and 1-token docs have no pairs
+        self.lengths = lengths[self._rows]
+        self.num_tokens = int(self.lengths.sum())
+        self.num_trained = sum(int(pc.sum(t.column("trained")).as_py() or 0) for t in tables)
+
+    @classmethod
+    def from_lists(cls, ids: list, masks: list | None = None, name: str = "memory") -> "Documents":
+        """Documents from in-memory token lists (masks default to all trained)."""
+        masks = masks if masks is not None else [[True] * len(d) for d in ids]
+        table = pa.Table.from_pydict(
+            {"loc": list(range(1, len(ids) + 1)), "error": [""] * len(ids), "ids": [list(map(int, d)) for d in ids],
+             "mask": [list(map(bool, m)) for m in masks], "trained": [int(sum(m[1:])) for m in masks]},
+            schema=_TOKENIZED.arrow_schema,
+        )  # fmt: skip
+        return cls([table], name)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, i: int, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, stop) of document i, and their mask."""
+        row = self._rows[i]
+        c = int(np.searchsorted(self._starts, row, side="right")) - 1
+        offsets, values, mask_offsets, mask_values = self._chunks[c]
+        j = row - self._starts[c]
+        n = offsets[j + 1] - offsets[j]
+        stop = n if stop is None else min(stop, n)
+        ids = values[offsets[j] + start : offsets[j] + stop]
+        mask = mask_values.slice(mask_offsets[j] + start, stop - start).to_numpy(zero_copy_only=False)
+        return ids, mask
+
+    def summary(self) -> str:
+        s = f"{self.name}: {len(self)} documents, {self.num_tokens} tokens, {self.num_trained} trained"
+        if self.bad:
+            s += f"; skipped {self.bad} bad records (first: {self.bad_example})"
+        return s
+
+
+def load_documents(path: str, tokenizer, *, skip_bad_records=False, num_proc=None, cache_dir=None) -> Documents:
+    """Tokenize (or load from cache) every file of a source path/dir/glob."""
+    tables, bad, bad_example = [], 0, ""
+    for f in source_files(path):
+        table = tokenize_file(f, tokenizer, num_proc=num_proc, cache_dir=cache_dir).data.table
+        if table.num_rows == 0:
+            raise UserError(f"{f}: no records")
+        errors = table.column("error")
+        bad_rows = pc.indices_nonzero(pc.not_equal(errors, "")).to_numpy()
+        if len(bad_rows):
+            first = int(bad_rows[0])
+            where = f"{_where(f, table.column('loc')[first].as_py())}: {errors[first].as_py()}"
+            if not skip_bad_records:
+                raise UserError(where)
+            bad, bad_example = bad + len(bad_rows), bad_example or where
+        tables.append(table)
+    docs = Documents(tables, path, bad, bad_example)
+    if bad:
+        log.warning("%s", docs.summary())
+    if len(docs) == 0 or docs.num_trained == 0:
+        raise UserError(f"{path}: no {'documents' if len(docs) == 0 else 'trained tokens (every turn has weight 0)'}")
+    return docs
+
+
+# ---- packing ----------------------------------------------------------------------------------
+
+
+def _next_row(next_doc, pending, length, seq_len):
+    """Fill one row: -> (segments [(source, doc, first pair, pairs)], piece left over or None).
+
+    A piece is (source, doc, offset): document `doc` from pair `offset` on. `pending` is the piece
+    the previous row could not take, `next_doc()` gives (source, doc, 0) or None at the end,
+    `length(source, doc)` is a document's token count (it has one pair fewer).
+    """
+    segments, free = [], seq_len
+    while free:
+        piece = pending if pending is not None else next_doc()
+        if piece is None:
+            return segments, None
+        src, doc, off = piece
+        left = length(src, doc) - 1 - off
+        if left <= free:
+            segments.append((src, doc, off, left))
+            free, pending = free - left, None
+        elif left > seq_len or not segments:  # longer than any row: cut it here
+            segments.append((src, doc, off, free))
+            free, pending = 0, (src, doc, off + free)
+        else:
+            return segments, piece
+    return segments, pending
+
+
+def _materialize(sources, rows, seq_len, pad_id) -> dict:
+    shape = (len(rows), seq_len)
+    batch = {
+        "tokens": np.full(shape, pad_id, np.int32),
+        "targets": np.full(shape, pad_id, np.int32),
+        "loss_mask": np.zeros(shape, np.float32),
+        "segment_ids": np.zeros(shape, np.int32),
+        "positions": np.zeros(shape, np.int32),
+    }
+    for r, segments in enumerate(rows):
+        t = 0
+        for k, (src, doc, off, n) in enumerate(segments, 1):
+            ids, mask = sources[src].get(doc, off, off + n + 1)
+            batch["tokens"][r, t : t + n] = ids[:-1]
+            batch["targets"][r, t : t + n] = ids[1:]
+            batch["loss_mask"][r, t : t + n] = mask[1:]
+            batch["segment_ids"][r, t : t + n] = k
+            batch["positions"][r, t : t + n] = np.arange(n)
+            t += n
+    return batch
+
+
+def _check_shape(seq_len, batch_size, process_index, process_count):
+    if seq_len < 1 or batch_size < 1:
+        raise UserError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} is not in [0, {process_count})")
+    if batch_size % process_count:
+        raise UserError(f"batch_size {batch_size} must split evenly over {process_count} processes")
+    return batch_size // process_count
+
+
+class PackedIterator:
+    """Endless packed training batches from weighted sources; see the module docstring."""
+
+    _BLOCK = 4096  # mixture draws are generated in blocks of this many
+
+    def __init__(self, sources, seq_len, batch_size, seed, *, weights=None, pad_id=0, process_index=0, process_count=1):
+        self.sources = list(sources)
+        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, int(seed), pad_id
+        self._local = _check_shape(seq_len, batch_size, process_index, process_count)
+        self._first_row = process_index * self._local
+        w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
+        self._p = w / w.sum()
+        self._perm_cache, self._draw_cache = {}, {}
+        self.restore({"seed": self.seed, "draws": 0, "epochs": [0] * len(self.sources),
+                      "positions": [0] * len(self.sources), "pending": None})  # fmt: skip
+
+    def state(self) -> dict:
+        """Where the iterator is: restore it to continue with exactly the same batches."""
+        return {
+            "seed": self.seed,
+            "draws": self._draws,
+            "epochs": list(self._epochs),
+            "positions": list(self._positions),
+            "pending": None if self._pending is None else [int(x) for x in self._pending],
+            "num_docs": [len(s) for s in self.sources],
+        }
+
+    def restore(self, state: dict) -> None:
+        num_docs = state.get("num_docs", [len(s) for s in self.sources])
+        if state["seed"] != self.seed or num_docs != [len(s) for s in self.sources]:
+            raise UserError(
+                f"data state is for seed {state['seed']} and sources of {num_docs} documents, "
+                f"but this run has seed {self.seed} and {[len(s) for s in self.sources]}"
+            )
+        self._draws = int(state["draws"])
+        self._epochs, self._positions = list(state["epochs"]), list(state["positions"])
+        self._pending = tuple(state["pending"]) if state["pending"] is not None else None
+
+    @property
+    def epoch(self) -> int:
+        """Completed passes over the first source."""
+        return self._epochs[0]
+
+    def summary(self) -> str:
+        return "\n".join(f"{s.summary()} (weight {p:.3f})" for s, p in zip(self.sources, self._p))
+
+    def _source(self, draw: int) -> int:
+        if len(self.sources) == 1:
+            return 0
+        block = draw // self._BLOCK
+        if block not in self._draw_cache:
+            rng = np.random.default_rng([self.seed, 1, block])
+            self._draw_cache = {block: rng.choice(len(self.sources), self._BLOCK, p=self._p)}
+        return int(self._draw_cache[block][draw % self._BLOCK])
+
+    def _permutation(self, src: int, epoch: int) -> np.ndarray:
+        if self._perm_cache.get(src, (None,))[0] != epoch:
+            perm = np.random.default_rng([self.seed, 2, src, epoch]).permutation(len(self.sources[src]))
+            self._perm_cache[src] = (epoch, perm)
+        return self._perm_cache[src][1]
+
+    def _next_doc(self):
+        src = self._source(self._draws)
+        self._draws += 1
+        doc = int(self._permutation(src, self._epochs[src])[self._positions[src]])
+        self._positions[src] += 1
+        if self._positions[src] == len(self.sources[src]):
+            self._epochs[src], self._positions[src] = self._epochs[src] + 1, 0
+        return src, doc, 0
+
+    def _length(self, src: int, doc: int) -> int:
+        return int(self.sources[src].lengths[doc])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rows = []
+        for _ in range(self.batch_size):
+            segments, self._pending = _next_row(self._next_doc, self._pending, self._length, self.seq_len)
+            rows.append(segments)
+        mine = rows[self._first_row : self._first_row + self._local]
+        return _materialize(self.sources, mine, self.seq_len, self.pad_id)
+
+
+class EvalBatches:
+    """Every document of an eval set exactly once, in file order; iterate as often as needed."""
+
+    def __init__(self, docs: Documents, seq_len, batch_size, *, pad_id=0, process_index=0, process_count=1):
+        local = _check_shape(seq_len, batch_size, process_index, process_count)
+        self.docs, self.seq_len, self.pad_id = docs, seq_len, pad_id
+        stream = ((0, d, 0) for d in range(len(docs)))
+        length = lambda src, doc: int(docs.lengths[doc])  # noqa: E731
+        rows, pending = [], None
+        while True:
+            segments, pending = _next_row(lambda: next(stream, None), pending, length, seq_len)
+            if not segments:
+                break
+            rows.append(segments)
+        rows += [[]] * (-len(rows) % batch_size)  # empty rows complete the last batch
+        first = process_index * local
+        self._batches = [rows[b + first : b + first + local] for b in range(0, len(rows), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self):
+        for rows in self._batches:
+            yield _materialize([self.docs], rows, self.seq_len, self.pad_id)
+
+
+# ---- entry points -----------------------------------------------------------------------------
+
+
+def make_train_iterator(
+    sources: list[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int, skip_bad_records: bool = False,
+    process_index: int = 0, process_count: int = 1, *, num_proc: int | None = None, cache_dir: str | None = None,
+) -> PackedIterator:  # fmt: skip
+    """Packed, shuffled, mixed training batches from `path[:weight]` sources."""
+    specs = [sources] if isinstance(sources, str) else list(sources)
+    if not specs:
+        raise UserError("no training data sources given")
+    parsed = [parse_source(s) for s in specs]
+    docs = [
+        load_documents(p, tokenizer, skip_bad_records=skip_bad_records, num_proc=num_proc, cache_dir=cache_dir)
+        for p, _ in parsed
+    ]
+    it = PackedIterator(docs, seq_len, batch_size, seed, weights=[w for _, w in parsed], pad_id=tokenizer.pad_id,
+                        process_index=process_index, process_count=process_count)  # fmt: skip
+    log.info("training data:\n%s", it.summary())
+    return it
+
+
+def make_eval_batches(
+    path: str, tokenizer, seq_len: int, batch_size: int, *, process_index: int = 0, process_count: int = 1,
+    skip_bad_records: bool = False, num_proc: int | None = None, cache_dir: str | None = None,
+) -> EvalBatches:  # fmt: skip
+    """Eval batches covering every document of `path` once (re-iterable, with len())."""
+    docs = load_documents(path, tokenizer, skip_bad_records=skip_bad_records, num_proc=num_proc, cache_dir=cache_dir)
+    log.info("eval data: %s", docs.summary())
+    return EvalBatches(docs, seq_len, batch_size, pad_id=tokenizer.pad_id,
+                       process_index=process_index, process_count=process_count)  # fmt: skip
