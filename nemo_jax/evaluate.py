@@ -12,6 +12,7 @@ import numpy as np
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
 from nemo_jax.errors import UserError
+from nemo_jax.run_config import eval_split_name
 
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_BATCH = 8
@@ -60,7 +61,7 @@ def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len,
             raise UserError(f"--data {path}: no such file")
         batches = make_eval_batches(path, tokenizer, seq_len, batch_size)
         loss, count = evaluate(eval_fn, params, lora_params, batches, S.batch_sharding(mesh))
-        results[Path(path).stem] = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": int(count)}
+        results[eval_split_name(path)] = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": int(count)}
     return results
 
 

@@ -353,7 +353,7 @@ class TrainSection(_Section):
     log_every: int = _field(1, gt=0)
     eval_every: int = _field(0, ge=0)  # 0 = only at the end
     eval_batches: int | None = _field(None, gt=0)  # max batches per eval split; null = all
-    loss_chunk: int = _field(1024, gt=0)  # tokens per cross-entropy chunk
+    loss_chunk: int = _field(1024, gt=0)  # sequence positions per cross-entropy chunk ([B, chunk, V] fp32 logits)
 
     def _validate(self):
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:

@@ -13,7 +13,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from nemo_jax import lora as lora_lib
@@ -23,6 +22,7 @@ from nemo_jax import train_loop as TL
 from nemo_jax.config import ModelConfig, preset
 from nemo_jax.errors import UserError
 from nemo_jax.metrics import MetricsWriter, plot_losses
+from nemo_jax.run_config import eval_split_name
 
 
 def lora_spec(cfg) -> M.LoraSpec | None:
@@ -41,10 +41,6 @@ def load_base(cfg) -> tuple[ModelConfig, dict | None]:
     else:
         config, params = preset(cfg.model.preset), None
     return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype), params
-
-
-def split_name(path: str) -> str:
-    return Path(path).stem
 
 
 def device_batch(batch: dict, sharding) -> dict:
@@ -72,7 +68,7 @@ def _check_batch(cfg, spec_n_micro: int):
                         f"processes ({jax.process_count()})")
 
 
-def train(cfg, config_text: str | None = None) -> Path:
+def train(cfg) -> Path:
     from nemo_jax.data import make_eval_batches, make_train_iterator
     from nemo_jax.tokenizer import load_tokenizer
 
@@ -120,7 +116,7 @@ def train(cfg, config_text: str | None = None) -> Path:
     train_iter = make_train_iterator(
         list(cfg.data.train), tokenizer, tc.seq_len, process_batch, tc.seed,
         skip_bad_records=cfg.data.skip_bad_records, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), num_proc=cfg.data.num_proc)
 
     mngr = TL.checkpoint_manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     start = mngr.latest_step() or 0
@@ -142,8 +138,7 @@ def train(cfg, config_text: str | None = None) -> Path:
                  "preset": cfg.model.preset, "seed": tc.seed},
     }
     TL.write_json_atomic(run_dir / "run.json", run_info)
-    (run_dir / "config.yaml").write_text(config_text if config_text is not None else
-                                         yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     batch_sh = S.batch_sharding(mesh)
     step_fn = jax.jit(functools.partial(TL.train_step, step_spec, opt),
@@ -155,9 +150,10 @@ def train(cfg, config_text: str | None = None) -> Path:
     def run_eval(step):
         params, lora_params = (frozen, state["trainable"]) if spec_lora else (state["trainable"], None)
         for path in cfg.data.eval:
-            batches = make_eval_batches(path, tokenizer, tc.seq_len, eval_bs)
+            batches = make_eval_batches(path, tokenizer, tc.seq_len, eval_bs, skip_bad_records=cfg.data.skip_bad_records,
+                                        num_proc=cfg.data.num_proc)
             loss, count = evaluate(eval_fn, params, lora_params, batches, batch_sh, tc.eval_batches)
-            rec = {"step": step, "split": split_name(path), "eval_loss": loss, "perplexity": float(np.exp(loss)),
+            rec = {"step": step, "split": eval_split_name(path), "eval_loss": loss, "perplexity": float(np.exp(loss)),
                    "tokens": int(count)}
             writer.log(rec)
             tqdm.write(f"step {step}: eval {rec['split']}: loss {loss:.4f} (ppl {rec['perplexity']:.2f}, "

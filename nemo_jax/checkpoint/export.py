@@ -18,11 +18,11 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
 
 from nemo_jax.checkpoint import layout
 from nemo_jax.checkpoint.safetensors_io import Writer
-from nemo_jax.checkpoint.sources import HF_CONFIG, HF_INDEX, MISTRAL_FILE, MISTRAL_PARAMS, Source, np_dtype
+from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, MISTRAL_FILE, MISTRAL_PARAMS, Source, np_dtype,
+                                         progress_bar)
 from nemo_jax.checkpoint.staging import staged_output
 from nemo_jax.config import ModelConfig, to_hf_config, to_params_json
 from nemo_jax.errors import UserError
@@ -34,7 +34,7 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
 class ExportOptions:
     dtype: str | None = None  # None: the stored dtype
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE  # bytes per HF shard (a larger single tensor gets its own)
-    progress: bool = False
+    progress: bool | None = False
 
 
 Exporter = Callable[[Source, Path, ExportOptions], None]
@@ -83,12 +83,12 @@ def export_checkpoint(source: Source, out: Path, fmt: str, opts: ExportOptions =
 
 
 def _write_safetensors(source: Source, config: ModelConfig, fmt: str, files: list[tuple[Path, list[Tensor]]],
-                       progress: bool) -> int:
+                       progress: bool | None) -> int:
     """Write `files` (consecutive runs of the leaf-ordered tensor list); returns the tensor bytes."""
     dt = np_dtype(config.param_dtype)
     total = sum(math.prod(layout.source_shape(leaf, config)) * dt.itemsize for _, ts in files for leaf, _, _ in ts)
     current, value = None, None
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, desc="export") as bar:
+    with progress_bar(total, progress, "export") as bar:
         for path, tensors in files:
             entries = [(name, dt, layout.source_shape(leaf, config)) for leaf, _, name in tensors]
             with Writer(path, entries, metadata={"format": "pt"}) as w:

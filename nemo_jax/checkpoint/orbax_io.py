@@ -24,10 +24,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from nemo_jax.checkpoint import layout
-from nemo_jax.checkpoint.sources import Source, dtype_name, np_dtype
+from nemo_jax.checkpoint.sources import Source, dtype_name, np_dtype, progress_bar
 from nemo_jax.checkpoint.staging import staged_output
 from nemo_jax.config import DTYPES, ModelConfig, read_json
 from nemo_jax.errors import UserError
@@ -119,15 +118,14 @@ class StreamingWriter:
 
 
 def import_checkpoint(source: Source, out: Path, dtype: str | None = None, force: bool = False,
-                      progress: bool = False) -> ModelConfig:
+                      progress: bool | None = False) -> ModelConfig:
     """Convert any source to a nemo_jax checkpoint at `out`, one stacked leaf in memory at a time."""
     config = source.config_for(dtype)
     dt = np_dtype(config.param_dtype)
     total = sum(int(np.prod(layout.stacked_shape(leaf, config))) * dt.itemsize for leaf in layout.LEAVES)
     protect = (source.path,) if hasattr(source, "path") else ()
     with staged_output(Path(out), force, protect) as tmp, \
-            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-                 desc="import") as bar:
+            progress_bar(total, progress, "import") as bar:
         writer = StreamingWriter(tmp, config)
         for leaf in layout.LEAVES:
             bar.set_postfix_str(leaf.key())
@@ -139,7 +137,7 @@ def import_checkpoint(source: Source, out: Path, dtype: str | None = None, force
 
 
 class OrbaxSource(Source):
-    format = "orbax"
+    format = "nemo_jax"
 
     def __init__(self, path: Path):
         self.path = Path(path)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from nemo_jax.checkpoint import layout
 from nemo_jax.checkpoint.safetensors_io import SafetensorsFile
@@ -39,13 +40,19 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(jax.numpy.dtype(name))  # knows "bfloat16" through ml_dtypes
 
 
+def progress_bar(total: int, progress: bool | None, desc: str) -> tqdm:
+    """A progress bar over bytes; `progress=None` shows it only when stderr is a terminal."""
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=None if progress is None else not progress)
+
+
 class Source:
     """Base class: subclasses set the attributes below and implement `read_leaf`."""
 
     config: ModelConfig  # as the checkpoint describes it; param_dtype = stored_dtype where the model allows
     stored_dtype: str  # "bfloat16", "float32", but also e.g. "float16" or "mixed (...)"
     description: str  # for messages: the path and the format
-    format: str  # "orbax", "hf", "mistral"
+    format: str  # "nemo_jax", "hf", "mistral"
 
     def read_leaf(self, leaf: layout.Leaf, dtype: str, layers: slice | None = None,
                   on_bytes: Callable[[int], None] | None = None) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""Checkpoints: load any supported layout, convert between them, restore straight into shardings.
+
+Three layouts are read, detected from the files:
+
+    nemo_jax   CKPT/config.json ({"format": "nemo_jax", ...}) + CKPT/params/ (orbax; see orbax_io.py)
+    hf         config.json + model.safetensors or model.safetensors.index.json + shards
+    mistral    params.json + consolidated.safetensors (wq/wk rows in interleaved-rope order)
+
+and all give the same param tree (model.py's docstring; name tables in layout.py):
+
+    config, params = load(path)                       # plain dict of jax arrays on the default device
+    config, abstract = load_abstract(path)            # ShapeDtypeStructs, to compute shardings from
+    config, params = restore(path, shardings)         # each device reads only its part
+
+Everything streams: a conversion holds one stacked tensor (plus one layer) in memory, never the
+model (sources.py reads leaf by leaf, export.py writes tensor by tensor).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from nemo_jax.checkpoint.export import EXPORTERS, ExportOptions, export_checkpoint
+from nemo_jax.checkpoint.orbax_io import (OrbaxSource, StreamingWriter, import_checkpoint, is_checkpoint,
+                                          resolve_checkpoint, save_orbax)
+from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, HF_SINGLE, MISTRAL_FILE, MISTRAL_PARAMS,
+                                         SafetensorsSource, Source)
+from nemo_jax.config import ModelConfig
+from nemo_jax.errors import UserError
+
+FORMATS = ("nemo_jax", "hf", "mistral")
+
+__all__ = ["load", "load_abstract", "restore", "save_orbax", "open_checkpoint", "detect_format",
+           "resolve_checkpoint", "import_checkpoint", "export_checkpoint", "ExportOptions", "EXPORTERS",
+           "Source", "StreamingWriter", "FORMATS"]
+
+
+def detect_format(path: Path) -> str:
+    """"nemo_jax", "hf" or "mistral", from the files in `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory (a checkpoint is a directory)")
+    if is_checkpoint(path):
+        return "nemo_jax"
+    if (path / MISTRAL_PARAMS).is_file():
+        if not (path / MISTRAL_FILE).is_file():
+            raise UserError(f"{path / MISTRAL_FILE}: file not found (Mistral checkpoints need {MISTRAL_PARAMS} and "
+                            f"{MISTRAL_FILE}; consolidated .pth files are not supported)")
+        return "mistral"
+    if (path / HF_CONFIG).is_file():
+        if not ((path / HF_SINGLE).is_file() or (path / HF_INDEX).is_file()):
+            raise UserError(f"{path}: has {HF_CONFIG} but no {HF_SINGLE} or {HF_INDEX} "
+                            f"(only safetensors checkpoints are supported)")
+        return "hf"
+    resolve_checkpoint(path)  # raises the "not a checkpoint" error, or knows a layout we don't
+    return "nemo_jax"
+
+
+def open_checkpoint(path: Path, fmt: str | None = None) -> Source:
+    """A Source for `path`, detecting the format unless `fmt` says it."""
+    fmt = fmt or detect_format(path)
+    if fmt == "nemo_jax":
+        return OrbaxSource(resolve_checkpoint(path))
+    if fmt in ("hf", "mistral"):
+        if not Path(path).is_dir():
+            raise UserError(f"{path}: not found or not a directory")
+        return SafetensorsSource(Path(path), fmt)
+    raise UserError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+Shardings = Callable[[dict], dict] | dict | jax.sharding.Sharding | None
+
+
+def load_abstract(path: Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """The ModelConfig and the param tree as ShapeDtypeStructs, reading only headers/metadata."""
+    source = open_checkpoint(path)
+    return source.config_for(dtype), source.abstract(dtype)
+
+
+def restore(path: Path, shardings: Shardings = None, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) with each array placed as `shardings` says.
+
+    `shardings`: a function from the abstract param tree to a tree of `jax.sharding.Sharding`, such
+    a tree itself, one Sharding for every leaf, or None for the default device. `dtype` (float32 or
+    bfloat16) casts the weights; None keeps the stored dtype. The config's param_dtype is the dtype
+    of the returned params.
+    """
+    source = open_checkpoint(path)
+    abstract = source.abstract(dtype)
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+        shardings = shardings(abstract)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    try:
+        targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    except ValueError as e:
+        raise ValueError(f"shardings do not match the param tree: {e}") from None
+    return source.config_for(dtype), source.restore(targets)
+
+
+def load(path: Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) from a nemo_jax, HF or Mistral checkpoint directory; params on one device."""
+    return restore(path, None, dtype)

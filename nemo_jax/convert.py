@@ -1,0 +1,66 @@
+"""Convert checkpoints between HF / Mistral safetensors and nemo_jax's orbax layout.
+
+    python -m nemo_jax.convert import SRC OUT [--format hf|mistral] [--dtype bfloat16|float32] [--force]
+    python -m nemo_jax.convert export CKPT OUT --format hf|mistral [--dtype ...] [--max-shard-size 5GB] [--force]
+
+`import` detects SRC's layout unless --format names it and writes a nemo_jax checkpoint. `export`
+reads any checkpoint (normally a nemo_jax one) and writes the layout --format names. Both stream one
+stacked tensor at a time, refuse a non-empty OUT without --force, and write into a temporary
+directory renamed at the end. In the same dtype, import then export gives back identical tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from nemo_jax.errors import cli_main
+
+DTYPE_CHOICES = ("bfloat16", "float32")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from nemo_jax.checkpoint import EXPORTERS
+
+    p = argparse.ArgumentParser(prog="python -m nemo_jax.convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF or Mistral safetensors -> nemo_jax checkpoint")
+    imp.add_argument("src", type=Path)
+    imp.add_argument("out", type=Path)
+    imp.add_argument("--format", choices=("hf", "mistral"), help="SRC's layout (default: detected)")
+    exp = sub.add_parser("export", help="checkpoint -> HF or Mistral safetensors")
+    exp.add_argument("ckpt", type=Path)
+    exp.add_argument("out", type=Path)
+    exp.add_argument("--format", required=True, choices=tuple(EXPORTERS), help="layout to write")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest HF shard (default 5GB)")
+    for s in (imp, exp):
+        s.add_argument("--dtype", choices=DTYPE_CHOICES, help="convert the weights (default: keep their dtype)")
+        s.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+        s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    from nemo_jax import checkpoint as ckpt
+    from nemo_jax.checkpoint.export import parse_size
+
+    progress = None if not args.no_progress else False  # None: tqdm shows a bar only on a terminal
+    start = time.perf_counter()
+    if args.command == "import":
+        source = ckpt.open_checkpoint(args.src, args.format)  # a nemo_jax SRC works too (e.g. to change dtype)
+        config = ckpt.import_checkpoint(source, args.out, args.dtype, args.force, progress=progress)
+        what = f"nemo_jax checkpoint ({config.param_dtype})"
+    else:
+        source = ckpt.open_checkpoint(args.ckpt)  # any layout; a nemo_jax path goes through resolve_checkpoint
+        opts = ckpt.ExportOptions(dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size), progress=progress)
+        ckpt.export_checkpoint(source, args.out, args.format, opts, args.force)
+        what = f"{args.format} checkpoint ({source.config_for(args.dtype).param_dtype})"
+    print(f"wrote {args.out}: {what} from {source.description} in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
