@@ -1,5 +1,16 @@
 """Training and eval data: files -> tokenized documents (HF datasets, cached) -> packed batches.
 
+API
+    make_train_iterator(sources, tokenizer, seq_len, batch_size, seed, skip_bad_records=False,
+                        process_index=0, process_count=1, *, num_proc=None, cache_dir=None) -> PackedIterator
+        next(it) -> batch;  it.state() -> dict;  it.restore(state);  it.summary() -> str
+    make_eval_batches(path, tokenizer, seq_len, batch_size, *, process_index=0, process_count=1,
+                      skip_bad_records=False, num_proc=None, cache_dir=None) -> EvalBatches
+        iterable (as often as needed) of batches; len() = number of batches
+    Lower level: load_documents(path, tokenizer, ...) -> Documents; PackedIterator(list of Documents,
+    seq_len, batch_size, seed, weights=...); EvalBatches(Documents, seq_len, batch_size);
+    Documents.from_lists(token lists, masks) for data already tokenized.
+
 Sources
     A source is a `.jsonl`, `.json` (a JSON array, or JSON lines) or `.parquet` file, a directory
     (searched recursively for those) or a glob. `path:weight` mixes sources by weight, as in
@@ -72,7 +83,9 @@ from nemo_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 _EXTENSIONS = (".jsonl", ".json", ".parquet")
-_RAW = datasets.Features({"loc": datasets.Value("int64"), "raw": datasets.Value("string"), "error": datasets.Value("string")})
+_RAW = datasets.Features(
+    {"loc": datasets.Value("int64"), "raw": datasets.Value("string"), "error": datasets.Value("string")}
+)
 _TOKENIZED = datasets.Features({
     "loc": datasets.Value("int64"),
     "error": datasets.Value("string"),
@@ -135,6 +148,7 @@ def source_files(path: str) -> list[str]:
 
 
 def _where(path: str, loc: int) -> str:
+    """How an error names a record: file:line for JSON lines, else the record/row number."""
     if path.endswith(".jsonl") or path.endswith(".json") and not _is_json_array(path):
         return f"{path}:{loc}"
     return f"{path}: {'row' if path.endswith('.parquet') else 'record'} {loc}"
@@ -163,9 +177,9 @@ def _read_records(path: str):
                     yield {"loc": row, "raw": json.dumps(rec, ensure_ascii=False), "error": ""}
                 except (ValueError, TypeError) as e:
                     yield {"loc": row, "raw": "", "error": f"cannot read row: {e}"}
-    elif _is_json_array(path):
+    elif path.endswith(".json") and _is_json_array(path):
         with open(path, encoding="utf-8") as f:
-            records = json.load(f)  # checked by _check_json_array before we get here
+            records = json.load(f)  # checked by _check_records before we get here
         for i, rec in enumerate(records, 1):
             yield {"loc": i, "raw": json.dumps(rec, ensure_ascii=False), "error": ""}
     else:
@@ -179,36 +193,46 @@ def _read_records(path: str):
                     yield {"loc": line_no, "raw": "", "error": f"not valid UTF-8 at byte {e.start}"}
 
 
-def _check_json_array(path: str) -> None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 at byte {e.start}") from None
-    if not isinstance(records, list):
-        raise UserError(f"{path}: a .json data file must hold a list of records or JSON lines")
+def _check_records(path: str) -> None:
+    """File-level problems: a .json array that does not parse, a file with no records at all."""
+    if path.endswith(".parquet"):
+        empty = pq.ParquetFile(path).metadata.num_rows == 0
+    elif path.endswith(".json") and _is_json_array(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+        if not isinstance(records, list):
+            raise UserError(f"{path}: a .json data file must hold a list of records or JSON lines")
+        empty = not records
+    else:
+        with open(path, "rb") as f:
+            empty = not any(line.strip() for line in f)  # stops at the first record
+    if empty:
+        raise UserError(f"{path}: no records")
 
 
 def _record_kind(rec) -> str:
-    """'text' or 'messages'; raises ValueError(reason) for anything else."""
+    """'text' or 'messages'; raises UserError(reason) for anything else."""
     if not isinstance(rec, dict):
-        raise ValueError(f"a record must be a JSON object, got {type(rec).__name__}")
+        raise UserError(f"a record must be a JSON object, got {type(rec).__name__}")
     has_text, has_messages = rec.get("text") is not None, rec.get("messages") is not None
     if has_text and has_messages:
-        raise ValueError("a record has either 'text' or 'messages', not both")
+        raise UserError("a record has either 'text' or 'messages', not both")
     if has_text:
         if not isinstance(rec["text"], str):
-            raise ValueError(f"'text' must be a string, got {type(rec['text']).__name__}")
+            raise UserError(f"'text' must be a string, got {type(rec['text']).__name__}")
         return "text"
     if has_messages:
         if not isinstance(rec["messages"], list):
-            raise ValueError(f"'messages' must be a list, got {type(rec['messages']).__name__}")
+            raise UserError(f"'messages' must be a list, got {type(rec['messages']).__name__}")
         if rec.get("tools") is not None and not isinstance(rec["tools"], list):
-            raise ValueError(f"'tools' must be a list, got {type(rec['tools']).__name__}")
+            raise UserError(f"'tools' must be a list, got {type(rec['tools']).__name__}")
         return "messages"
-    raise ValueError(f"a record needs 'text' or 'messages'; found keys {sorted(rec)}")
+    raise UserError(f"a record needs 'text' or 'messages'; found keys {sorted(rec)}")
 
 
 def _tokenize_batch(batch: dict, tokenizer) -> dict:
@@ -226,7 +250,7 @@ def _tokenize_batch(batch: dict, tokenizer) -> dict:
                 ids[i], mask[i] = tokenizer.encode_chat(rec["messages"], rec.get("tools"))
         except json.JSONDecodeError as e:
             errors[i] = f"malformed JSON: {e.msg} (column {e.colno})"
-        except (ValueError, UserError) as e:
+        except UserError as e:  # the record's own problem; the file and line are added later
             errors[i] = str(e)
     for i, doc in zip(texts, tokenizer.encode_batch(list(texts.values()), bos=True, eos=True)):
         ids[i], mask[i] = doc, [True] * len(doc)
@@ -243,8 +267,7 @@ def tokenize_file(path: str, tokenizer, *, num_proc: int | None = None, cache_di
     out = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
     if os.path.exists(os.path.join(out, "dataset_info.json")):
         return datasets.load_from_disk(out)
-    if path.endswith(".json") and _is_json_array(path):
-        _check_json_array(path)
+    _check_records(path)
     os.makedirs(cache_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
     try:
@@ -337,8 +360,6 @@ def load_documents(path: str, tokenizer, *, skip_bad_records=False, num_proc=Non
     tables, bad, bad_example = [], 0, ""
     for f in source_files(path):
         table = tokenize_file(f, tokenizer, num_proc=num_proc, cache_dir=cache_dir).data.table
-        if table.num_rows == 0:
-            raise UserError(f"{f}: no records")
         errors = table.column("error")
         bad_rows = pc.indices_nonzero(pc.not_equal(errors, "")).to_numpy()
         if len(bad_rows):
@@ -376,7 +397,7 @@ def _next_row(next_doc, pending, length, seq_len):
         if left <= free:
             segments.append((src, doc, off, left))
             free, pending = free - left, None
-        elif left > seq_len or not segments:  # longer than any row: cut it here
+        elif left > seq_len:  # longer than any row: cut it here
             segments.append((src, doc, off, free))
             free, pending = 0, (src, doc, off + free)
         else:
@@ -427,6 +448,8 @@ class PackedIterator:
         self._local = _check_shape(seq_len, batch_size, process_index, process_count)
         self._first_row = process_index * self._local
         w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
+        if self.seed < 0 or not self.sources or len(w) != len(self.sources) or not (w > 0).all():
+            raise UserError(f"need a seed >= 0 and one positive weight per source, got seed {seed}, weights {list(w)}")
         self._p = w / w.sum()
         self._perm_cache, self._draw_cache = {}, {}
         self.restore({"seed": self.seed, "draws": 0, "epochs": [0] * len(self.sources),

@@ -82,7 +82,12 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self.num_special_tokens = num_special
         self.version = version
-        self.fingerprint = fingerprint  # identifies the vocabulary, for data caches
+        if not fingerprint:  # identifies the vocabulary, for data caches
+            h = hashlib.sha256(json.dumps([pattern, special_tokens, vocab_size]).encode())
+            for piece in vocab[: vocab_size - num_special]:
+                h.update(len(piece).to_bytes(4, "little") + piece)
+            fingerprint = h.hexdigest()
+        self.fingerprint = fingerprint
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = (
             self._special_ids.get(t) for t in ("<unk>", "<s>", "</s>", "<pad>")
         )
@@ -245,7 +250,7 @@ def _parse_calls(where: str, calls) -> list[dict]:
         at = f"{where}.tool_calls[{j}]"
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise UserError(f"{at}: expected {{'id': ..., 'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}")
+            raise UserError(f"{at}: expected {{'id': .., 'type': 'function', 'function': {{'name': .., 'arguments': ..}}}}")
         if call.get("type", "function") not in ("function", None):
             raise UserError(f"{at}: type must be 'function', got {call['type']!r}")
         if not _NAME.fullmatch(fn["name"]):
@@ -359,7 +364,7 @@ def _tools_json(tools) -> str:
     for j, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise UserError(f"tools[{j}]: expected {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+            raise UserError(f"tools[{j}]: expected {{'type': 'function', 'function': {{'name': .., 'parameters': ..}}}}")
         if tool.get("type", "function") != "function":
             raise UserError(f"tools[{j}]: type must be 'function', got {tool['type']!r}")
         if not _NAME.fullmatch(fn["name"]):
@@ -367,7 +372,8 @@ def _tools_json(tools) -> str:
         description, parameters = fn.get("description") or "", fn.get("parameters") or {}
         if not isinstance(description, str) or not isinstance(parameters, dict):
             raise UserError(f"tools[{j}]: description must be a string and parameters a JSON schema object")
-        out.append({"type": "function", "function": {"name": fn["name"], "description": description, "parameters": parameters}})
+        function = {"name": fn["name"], "description": description, "parameters": parameters}
+        out.append({"type": "function", "function": function})
     return json.dumps(out, ensure_ascii=False)
 
 

@@ -37,6 +37,7 @@ COUNTS = {"pretrain_train": 3000, "pretrain_eval": 200, "tools_train": 1500, "to
 FILES = [f"{name}.jsonl" for name in SEEDS]
 
 MAX_TOKENS = 256  # the demo's train.seq_len
+DISTRACTOR_MAX_TOKENS = 224  # an unused extra tool is offered only where the conversation stays this short
 DOC_MIN_TOKENS, DOC_MAX_TOKENS = 30, 150  # pretraining documents, BOS + text + EOS
 
 LANGS = ["en", "fr", "de", "es", "it", "pt", "zh", "ja", "ru", "ar", "hi"]
@@ -205,7 +206,8 @@ EVENT_TITLES = {
     "ru": ["Встреча команды", "Приём у стоматолога", "Занятие йогой", "Обзор проекта", "День рождения",
            "Звонок в банк"],
     "ar": ["اجتماع الفريق", "موعد طبيب الأسنان", "درس يوغا", "مراجعة المشروع", "حفلة عيد ميلاد", "مكالمة مع البنك"],
-    "hi": ["टीम मीटिंग", "दंत चिकित्सक से मुलाकात", "योग कक्षा", "प्रोजेक्ट समीक्षा", "जन्मदिन की पार्टी", "बैंक से कॉल"],
+    "hi": ["टीम मीटिंग", "दंत चिकित्सक से मुलाकात", "योग कक्षा", "प्रोजेक्ट समीक्षा", "जन्मदिन की पार्टी",
+           "बैंक से कॉल"],
 }
 
 AIRLINES = ["AF", "LH", "IB", "AZ", "TP", "BA", "JL", "CA", "SU", "EK", "AI", "TK"]
@@ -225,8 +227,6 @@ T = {
         "w_ans": "In {city} it is {temp} {deg} and {cond}.",
         "w_follow": "And in {city}?",
         "c_req": ["Convert {amount} {from} to {to}.", "How much is {amount} {from} in {to}?"],
-        "c2_req": ["Convert {amount} {from} to {to1} and to {to2}."],
-        "c2_ans": "{amount} {from} is {result1} {to1} or {result2} {to2}.",
         "c_ans": "{amount} {from} is {result} {to}.",
         "e_req": ['Add "{title}" to my calendar on {date} at {time}.', 'Schedule "{title}" for {date} at {time}.'],
         "e_ans": "Done! \"{title}\" has been added to your calendar.",
@@ -275,8 +275,6 @@ T = {
         "w_ans": "À {city}, il fait {temp} {deg} et le temps est {cond}.",
         "w_follow": "Et à {city} ?",
         "c_req": ["Convertis {amount} {from} en {to}.", "Combien font {amount} {from} en {to} ?"],
-        "c2_req": ["Convertis {amount} {from} en {to1} et en {to2}."],
-        "c2_ans": "{amount} {from} font {result1} {to1} ou {result2} {to2}.",
         "c_ans": "{amount} {from} font {result} {to}.",
         "e_req": ["Ajoute « {title} » à mon agenda le {date} à {time}.",
                   "Planifie « {title} » pour le {date} à {time}."],
@@ -326,8 +324,6 @@ T = {
         "w_ans": "In {city} sind es {temp} {deg} und es ist {cond}.",
         "w_follow": "Und in {city}?",
         "c_req": ["Rechne {amount} {from} in {to} um.", "Wie viel sind {amount} {from} in {to}?"],
-        "c2_req": ["Rechne {amount} {from} in {to1} und in {to2} um."],
-        "c2_ans": "{amount} {from} sind {result1} {to1} oder {result2} {to2}.",
         "c_ans": "{amount} {from} sind {result} {to}.",
         "e_req": ["Trag „{title}“ am {date} um {time} in meinen Kalender ein.",
                   "Plane „{title}“ für den {date} um {time}."],
@@ -377,8 +373,6 @@ T = {
         "w_ans": "En {city} hace {temp} {deg} y el tiempo está {cond}.",
         "w_follow": "¿Y en {city}?",
         "c_req": ["Convierte {amount} {from} a {to}.", "¿Cuánto son {amount} {from} en {to}?"],
-        "c2_req": ["Convierte {amount} {from} a {to1} y a {to2}."],
-        "c2_ans": "{amount} {from} son {result1} {to1} o {result2} {to2}.",
         "c_ans": "{amount} {from} son {result} {to}.",
         "e_req": ["Añade «{title}» a mi calendario el {date} a las {time}.",
                   "Programa «{title}» para el {date} a las {time}."],
@@ -426,8 +420,6 @@ T = {
         "w_ans": "A {city} ci sono {temp} {deg} e il tempo è {cond}.",
         "w_follow": "E a {city}?",
         "c_req": ["Converti {amount} {from} in {to}.", "Quanto sono {amount} {from} in {to}?"],
-        "c2_req": ["Converti {amount} {from} in {to1} e in {to2}."],
-        "c2_ans": "{amount} {from} sono {result1} {to1} o {result2} {to2}.",
         "c_ans": "{amount} {from} sono {result} {to}.",
         "e_req": ['Aggiungi "{title}" al mio calendario il {date} alle {time}.',
                   'Pianifica "{title}" per il {date} alle {time}.'],
@@ -476,8 +468,6 @@ T = {
         "w_ans": "Em {city} faz {temp} {deg} e o tempo está {cond}.",
         "w_follow": "E em {city}?",
         "c_req": ["Converta {amount} {from} para {to}.", "Quanto são {amount} {from} em {to}?"],
-        "c2_req": ["Converta {amount} {from} para {to1} e para {to2}."],
-        "c2_ans": "{amount} {from} são {result1} {to1} ou {result2} {to2}.",
         "c_ans": "{amount} {from} são {result} {to}.",
         "e_req": ['Adicione "{title}" à minha agenda em {date} às {time}.', 'Agende "{title}" para {date} às {time}.'],
         "e_ans": "Pronto! \"{title}\" foi adicionado à sua agenda.",
@@ -524,8 +514,6 @@ T = {
         "w_ans": "{city}现在{temp}{deg}，天气{cond}。",
         "w_follow": "那{city}呢？",
         "c_req": ["把{amount}{from}换算成{to}。", "{amount}{from}等于多少{to}？"],
-        "c2_req": ["把{amount}{from}分别换算成{to1}和{to2}。"],
-        "c2_ans": "{amount} {from} 等于 {result1} {to1} 或 {result2} {to2}。",
         "c_ans": "{amount} {from} 等于 {result} {to}。",
         "e_req": ["在{date} {time}把“{title}”加到我的日历里。", "帮我安排{date} {time}的“{title}”。"],
         "e_ans": "好的！“{title}”已添加到你的日历。",
@@ -570,8 +558,6 @@ T = {
         "w_ans": "{city}は現在{temp}{deg}で、天気は{cond}です。",
         "w_follow": "{city}はどうですか？",
         "c_req": ["{amount}{from}を{to}に換算してください。", "{amount}{from}は{to}でいくらですか？"],
-        "c2_req": ["{amount}{from}を{to1}と{to2}に換算してください。"],
-        "c2_ans": "{amount} {from} は {result1} {to1}、または {result2} {to2} です。",
         "c_ans": "{amount} {from} は {result} {to} です。",
         "e_req": ["{date}の{time}に「{title}」をカレンダーに追加してください。", "{date} {time}に「{title}」の予定を入れてください。"],
         "e_ans": "完了しました！「{title}」をカレンダーに追加しました。",
@@ -619,8 +605,6 @@ T = {
         "w_ans": "В городе {city} сейчас {temp} {deg}, {cond}.",
         "w_follow": "А в городе {city}?",
         "c_req": ["Конвертируй {amount} {from} в {to}.", "Сколько будет {amount} {from} в {to}?"],
-        "c2_req": ["Конвертируй {amount} {from} в {to1} и в {to2}."],
-        "c2_ans": "{amount} {from} = {result1} {to1} или {result2} {to2}.",
         "c_ans": "{amount} {from} = {result} {to}.",
         "e_req": ["Добавь «{title}» в мой календарь на {date} в {time}.", "Запланируй «{title}» на {date} в {time}."],
         "e_ans": "Готово! «{title}» добавлено в календарь.",
@@ -668,12 +652,11 @@ T = {
         "w_ans": "في {city} درجة الحرارة {temp} {deg} والطقس {cond}.",
         "w_follow": "وماذا عن {city}؟",
         "c_req": ["حوّل {amount} {from} إلى {to}.", "كم يساوي {amount} {from} بعملة {to}؟"],
-        "c2_req": ["حوّل {amount} {from} إلى {to1} وإلى {to2}."],
-        "c2_ans": "{amount} {from} تساوي {result1} {to1} أو {result2} {to2}.",
         "c_ans": "{amount} {from} تساوي {result} {to}.",
         "e_req": ['أضف "{title}" إلى تقويمي يوم {date} الساعة {time}.', 'حدد موعد "{title}" يوم {date} الساعة {time}.'],
         "e_ans": "تم! أُضيف \"{title}\" إلى تقويمك.",
-        "f_req": ["ابحث عن رحلات من {origin} إلى {dest} يوم {date}.", "هل توجد رحلات من {origin} إلى {dest} يوم {date}؟"],
+        "f_req": ["ابحث عن رحلات من {origin} إلى {dest} يوم {date}.",
+                  "هل توجد رحلات من {origin} إلى {dest} يوم {date}؟"],
         "f_ans": "الرحلات من {origin} إلى {dest}: {list}.",
         "f_item": "{flight} الساعة {dep} ({price} EUR)",
         "f_join": "؛ ",
@@ -687,7 +670,8 @@ T = {
         "t_ans": 'ترجمة "{text}" إلى {lang} هي "{translation}".',
         "t2_req": ["ترجم \"{text}\" إلى {lang1} و{lang2}."],
         "t2_ans": "إلى {lang1}: \"{tr1}\"، وإلى {lang2}: \"{tr2}\".",
-        "greet": [("مرحبًا!", "مرحبًا! كيف يمكنني مساعدتك اليوم؟"), ("أهلًا، كيف حالك؟", "بخير، شكرًا! ماذا يمكنني أن أفعل لك؟")],
+        "greet": [("مرحبًا!", "مرحبًا! كيف يمكنني مساعدتك اليوم؟"),
+                  ("أهلًا، كيف حالك؟", "بخير، شكرًا! ماذا يمكنني أن أفعل لك؟")],
         "thanks": ("شكرًا!", "على الرحب والسعة! أخبرني إذا احتجت أي شيء آخر."),
         "caps_req": "ماذا يمكنك أن تفعل؟",
         "caps_ans": "يمكنني {list}.",
@@ -715,12 +699,12 @@ T = {
         "w_ans": "{city} में अभी {temp} {deg} है और मौसम में {cond} है।",
         "w_follow": "और {city} में?",
         "c_req": ["{amount} {from} को {to} में बदलिए।", "{amount} {from} कितने {to} होते हैं?"],
-        "c2_req": ["{amount} {from} को {to1} और {to2} में बदलिए।"],
-        "c2_ans": "{amount} {from} = {result1} {to1} या {result2} {to2}।",
         "c_ans": "{amount} {from} = {result} {to}।",
-        "e_req": ['{date} को {time} बजे "{title}" मेरे कैलेंडर में जोड़ दीजिए।', '{date} को {time} बजे "{title}" शेड्यूल कीजिए।'],
+        "e_req": ['{date} को {time} बजे "{title}" मेरे कैलेंडर में जोड़ दीजिए।',
+                  '{date} को {time} बजे "{title}" शेड्यूल कीजिए।'],
         "e_ans": "हो गया! \"{title}\" आपके कैलेंडर में जोड़ दिया गया है।",
-        "f_req": ["{date} को {origin} से {dest} की उड़ानें खोजिए।", "क्या {date} को {origin} से {dest} के लिए उड़ानें हैं?"],
+        "f_req": ["{date} को {origin} से {dest} की उड़ानें खोजिए।",
+                  "क्या {date} को {origin} से {dest} के लिए उड़ानें हैं?"],
         "f_ans": "{origin} से {dest} की उड़ानें: {list}।",
         "f_item": "{flight} {dep} बजे ({price} EUR)",
         "f_join": "; ",
@@ -880,13 +864,14 @@ def ex_weather2(rng, lang) -> Exchange:
     c1, c2 = rng.sample(CITIES, 2)
     r1, r2 = weather_result(rng, "celsius"), weather_result(rng, "celsius")
     user = rng.choice(T[lang]["w2_req"]).format(city1=c1[lang], city2=c2[lang])
-    sep = "" if lang in ("zh", "ja") else " "
-    answer = weather_answer(lang, c1[lang], r1) + sep + weather_answer(lang, c2[lang], r2)
+    answer = T[lang]["w2_ans"].format(city1=c1[lang], temp1=r1["temperature"], cond1=COND_NAMES[r1["condition"]][lang],
+                                      city2=c2[lang], temp2=r2["temperature"], cond2=COND_NAMES[r2["condition"]][lang],
+                                      deg="°C")
     return Exchange(user, [("get_weather", {"city": c1[lang]}, r1), ("get_weather", {"city": c2[lang]}, r2)],
                     answer)
 
 
-def _cur_word(rng, lang, code, use_codes):
+def _cur_word(lang, code, use_codes):
     return code if use_codes else CUR_NAMES[code][lang]
 
 
@@ -900,32 +885,18 @@ def ex_currency(rng, lang) -> Exchange:
     src, dst = rng.sample(CURRENCIES, 2)
     amount = rand_amount(rng)
     codes = rng.random() < 0.3
-    user = rng.choice(T[lang]["c_req"]).format(amount=amount, **{"from": _cur_word(rng, lang, src, codes),
-                                                                "to": _cur_word(rng, lang, dst, codes)})
+    user = rng.choice(T[lang]["c_req"]).format(amount=amount, **{"from": _cur_word(lang, src, codes),
+                                                                "to": _cur_word(lang, dst, codes)})
     call, answer = currency_call(rng, lang, amount, src, dst)
     return Exchange(user, [call], answer)
-
-
-def ex_currency2(rng, lang) -> Exchange:
-    src, d1, d2 = rng.sample(CURRENCIES, 3)
-    amount = rand_amount(rng)
-    codes = rng.random() < 0.3
-    user = rng.choice(T[lang]["c2_req"]).format(amount=amount, **{"from": _cur_word(rng, lang, src, codes)},
-                                                to1=_cur_word(rng, lang, d1, codes),
-                                                to2=_cur_word(rng, lang, d2, codes))
-    call1, a1 = currency_call(rng, lang, amount, src, d1)
-    call2, a2 = currency_call(rng, lang, amount, src, d2)
-    sep = "" if lang in ("zh", "ja") else " "
-    return Exchange(user, [call1, call2], a1 + sep + a2)
 
 
 def ex_event(rng, lang) -> Exchange:
     title, date, time_ = rng.choice(EVENT_TITLES[lang]), rand_date(rng), rand_time(rng)
     t = T[lang]
     user = rng.choice(t["e_req"]).format(title=title, date=date, time=time_)
-    result = {"status": "created", "event_id": rng.randint(1000, 9999)}
-    return Exchange(user, [("create_event", {"title": title, "date": date, "time": time_}, result)],
-                    t["e_ans"].format(title=title, date=date, time=time_))
+    return Exchange(user, [("create_event", {"title": title, "date": date, "time": time_}, {"status": "created"})],
+                    t["e_ans"].format(title=title))
 
 
 def flight_list(rng, n):
@@ -946,9 +917,9 @@ def ex_flights(rng, lang) -> Exchange:
     if flights:
         items = t["f_join"].join(t["f_item"].format(flight=f["flight"], dep=f["departure"], price=f["price"])
                                  for f in flights)
-        answer = t["f_ans"].format(origin=origin, dest=dest, date=date, list=items)
+        answer = t["f_ans"].format(origin=origin, dest=dest, list=items)
     else:
-        answer = t["f_none"].format(origin=origin, dest=dest, date=date)
+        answer = t["f_none"].format(origin=origin, dest=dest)
     args = {"origin": origin, "destination": dest, "date": date}
     return Exchange(user, [("search_flights", args, {"flights": flights})], answer)
 
@@ -959,6 +930,26 @@ def ex_calc(rng, lang) -> Exchange:
     return Exchange(rng.choice(t["k_req"]).format(expr=expr),
                     [("calculate", {"expression": expr}, {"result": value})],
                     t["k_ans"].format(expr=expr, result=value))
+
+
+def ex_calc2(rng, lang) -> Exchange:
+    (e1, v1), (e2, v2) = rand_expr(rng), rand_expr(rng)
+    t = T[lang]
+    return Exchange(rng.choice(t["k2_req"]).format(expr1=e1, expr2=e2),
+                    [("calculate", {"expression": e1}, {"result": v1}),
+                     ("calculate", {"expression": e2}, {"result": v2})],
+                    t["k2_ans"].format(expr1=e1, result1=v1, expr2=e2, result2=v2))
+
+
+def ex_translate2(rng, lang) -> Exchange:
+    phrase = rng.choice(PHRASES)
+    l1, l2 = rng.sample([x for x in LANGS if x != lang], 2)
+    t = T[lang]
+    text, n1, n2 = phrase[lang], LANG_NAMES[l1][lang], LANG_NAMES[l2][lang]
+    return Exchange(rng.choice(t["t2_req"]).format(text=text, lang1=n1, lang2=n2),
+                    [("translate", {"text": text, "target_language": l1}, {"translation": phrase[l1]}),
+                     ("translate", {"text": text, "target_language": l2}, {"translation": phrase[l2]})],
+                    t["t2_ans"].format(lang1=n1, tr1=phrase[l1], lang2=n2, tr2=phrase[l2]))
 
 
 def ex_translate(rng, lang) -> Exchange:
@@ -989,6 +980,7 @@ def ex_caps(lang, tool_names) -> Exchange:
 
 SINGLE = {"get_weather": ex_weather, "convert_currency": ex_currency, "create_event": ex_event,
           "search_flights": ex_flights, "calculate": ex_calc, "translate": ex_translate}
+PARALLEL = [ex_weather2, ex_calc2, ex_translate2]  # two currency conversions do not fit in 256 tokens
 
 # --------------------------------------------------------------------------------------------------------------
 # Pretraining corpus
@@ -1079,10 +1071,7 @@ def _lines_toollog(rng, lang):
     while True:
         ex = SINGLE[rng.choice(TOOL_NAMES)](rng, lang)
         name, args, result = ex.calls[0]
-        yield ex.user
-        yield f"{name}({dumps(args)})"
-        yield dumps(result)
-        yield ex.answer
+        yield "\n".join([ex.user, f"{name}({dumps(args)})", dumps(result), ex.answer])
 
 
 DOC_KINDS = [(_lines_weather, 15), (_lines_order, 11), (_lines_calendar, 11), (_lines_units, 8), (_lines_math, 12),
@@ -1140,24 +1129,28 @@ def draw_conversation(rng, n_tokens) -> dict | None:
     alongside the needed one(s) in part of the conversations, where it fits.
     """
     lang = rng.choice(LANGS)
-    kind = rng.choices(["single", "parallel", "chat", "multi"], weights=[62, 14, 10, 14])[0]
+    kind = rng.choices(["single", "parallel", "chat", "multi"], weights=[64, 12, 12, 12])[0]
     if kind == "single":
         exchanges = [SINGLE[rng.choice(TOOL_NAMES)](rng, lang)]
     elif kind == "parallel":
-        exchanges = [(ex_weather2 if rng.random() < 0.5 else ex_currency2)(rng, lang)]
+        exchanges = [rng.choice(PARALLEL)(rng, lang)]
     elif kind == "chat":
         exchanges = []  # filled in below, once the tools are known (the capability answer lists them)
     else:
-        sub = rng.randint(0, 2)
+        sub = rng.choices(range(4), weights=[3, 3, 2, 2])[0]
         if sub == 0:  # small talk, then a request
             exchanges = [ex_greet(rng, lang), SINGLE[rng.choice(TOOL_NAMES)](rng, lang)]
         elif sub == 1:  # a request, then thanks
             exchanges = [SINGLE[rng.choice(TOOL_NAMES)](rng, lang), ex_thanks(rng, lang)]
-        else:  # weather, then a follow-up question about another city
+        elif sub == 2:  # weather, then a follow-up question about another city
             c1, c2 = rng.sample(CITIES, 2)
             first = ex_weather(rng, lang, c1, with_unit=False)
             second = ex_weather(rng, lang, c2, with_unit=False)
             second.user = T[lang]["w_follow"].format(city=c2[lang])
+            exchanges = [first, second]
+        else:  # a calculation, then a follow-up one
+            first, second = ex_calc(rng, lang), ex_calc(rng, lang)
+            second.user = T[lang]["k_follow"].format(expr=second.calls[0][1]["expression"])
             exchanges = [first, second]
 
     names: list[str] = []
@@ -1171,7 +1164,9 @@ def draw_conversation(rng, n_tokens) -> dict | None:
         exchanges = [ex_caps(lang, names)] if which == 0 else [ex_greet(rng, lang)]
         if which == 2:
             exchanges.append(ex_caps(lang, names))
-    distractor = rng.choice([n for n in TOOL_NAMES if n not in names]) if rng.random() < 0.4 else None
+    candidates = [n for n in TOOL_NAMES if n not in names]
+    rng.shuffle(candidates)
+    want_distractor = rng.random() < 0.3
     position = rng.randint(0, len(names))
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.08 else None
 
@@ -1181,11 +1176,12 @@ def draw_conversation(rng, n_tokens) -> dict | None:
     rec = {"messages": messages, "tools": [TOOLS[n] for n in names]}
     if n_tokens(rec) > MAX_TOKENS:
         return None
-    if distractor is not None and kind != "chat":
-        with_distractor = {"messages": messages,
-                           "tools": [TOOLS[n] for n in names[:position] + [distractor] + names[position:]]}
-        if n_tokens(with_distractor) <= MAX_TOKENS:
-            rec = with_distractor
+    if want_distractor and kind != "chat":
+        for distractor in candidates:  # the first that fits
+            with_distractor = {"messages": messages,
+                               "tools": [TOOLS[n] for n in names[:position] + [distractor] + names[position:]]}
+            if n_tokens(with_distractor) <= DISTRACTOR_MAX_TOKENS:
+                return with_distractor
     return rec
 
 
@@ -1267,6 +1263,18 @@ def encode_conversation(tok, rec: dict) -> list[int]:
     return tok.encode_chat_completion(request).tokens
 
 
+def _count_tokens_unvalidated(tok, rec: dict) -> int:
+    """Length of the encoding without the request validator (half the cost is re-checking the same tool
+    schemas): used only to size candidate conversations; the records kept are encoded with full validation."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    normalizer = getattr(tok, "_instruct_request_normalizer", None)
+    if normalizer is None:
+        return len(encode_conversation(tok, rec))
+    request = ChatCompletionRequest.from_openai(rec["messages"], tools=rec["tools"])
+    return len(tok.instruct_tokenizer.encode_instruct(normalizer.from_chat_completion_request(request)).tokens)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------------------
@@ -1291,15 +1299,15 @@ def gen_tools(seed: int, n: int, tok, exclude: set[str] = frozenset()) -> tuple[
     rng = random.Random(seed)
     out, lengths, seen = [], [], set(exclude)
     def n_tokens(rec):
-        return len(encode_conversation(tok, rec))
+        return _count_tokens_unvalidated(tok, rec)
 
     while len(out) < n:
         rec = draw_conversation(rng, n_tokens)
         if rec is None:
             continue  # too long for the demo's seq_len: draw again
         check_structure(rec)
-        length = n_tokens(rec)
-        assert length <= MAX_TOKENS
+        length = len(encode_conversation(tok, rec))  # full mistral-common validation of every kept record
+        assert length <= MAX_TOKENS, length
         key = dumps(rec)
         if key in seen:
             continue

@@ -106,14 +106,17 @@ def test_epoch_has_every_pair_exactly_once():
     docs = synthetic_docs(lengths)
     it = PackedIterator([Documents.from_lists(docs)], seq_len, batch_size=3, seed=7)
     want = sorted((d[i], d[i + 1]) for d in docs for i in range(len(d) - 1))
-    batches = []
-    while it.epoch == 0:
+    batches, seen = [], 0
+    while seen < 2 * len(want):
         batches.append(next(it))
         check_rows(batches[-1])
-    got = [(x, y) for x, y, _ in stream_pairs(batches)][: len(want)]
-    assert sorted(got) == want
-    # and the order is shuffled: not the documents in order
-    assert got != [p for d in docs for p in zip(d[:-1], d[1:])][: len(want)]
+        seen += int((batches[-1]["segment_ids"] > 0).sum())
+    assert it.epoch == 2
+    pairs = [(x, y) for x, y, _ in stream_pairs(batches)]
+    first, second = pairs[: len(want)], pairs[len(want) : 2 * len(want)]
+    assert sorted(first) == sorted(second) == want
+    # shuffled, and reshuffled every epoch
+    assert first != [p for d in docs for p in zip(d[:-1], d[1:])] and first != second
 
 
 def test_resume_equals_uninterrupted():
@@ -296,8 +299,8 @@ BAD = [
     ('{"text": "a", "messages": []}\n', "bad.jsonl:1: a record has either 'text' or 'messages'"),
     ('{"messages": "hi"}\n', "bad.jsonl:1: 'messages' must be a list"),
     ('{"messages": [{"role": "user", "content": "a"}], "tools": {}}\n', "bad.jsonl:1: 'tools' must be a list"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "x", "tool_call_id": "abc123XYZ"}]}\n',
-     r"bad.jsonl:1: messages\[1\]: role tool cannot follow user"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "x", "tool_call_id": "abc123XYZ"}, '
+     '{"role": "assistant", "content": "b"}]}\n', r"bad.jsonl:1: messages\[1\]: role tool cannot follow user"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"id": "1", "function": '
      '{"name": "f", "arguments": "{}"}}]}]}\n', "bad.jsonl:1: messages\\[1\\]: tool call id '1' must be 9 characters"),
     (b'{"text": "\xff"}\n', "bad.jsonl:1: not valid UTF-8"),

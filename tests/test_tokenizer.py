@@ -55,7 +55,8 @@ def ref_chat(ref):
     return make(ValidationMode.finetuning), make(ValidationMode.test)
 
 
-LOOKALIKES = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "<pad>", "<unk>", "<SPECIAL_999>"]  # fmt: skip
+LOOKALIKES = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "<pad>",
+              "<unk>", "<SPECIAL_999>"]  # fmt: skip
 
 CORPUS = [
     "",
@@ -158,7 +159,7 @@ def test_pieces(tok, ref):
     rng = random.Random(3)
     for i in [0, 2, 999, 1000, 1255, 1256, 131071] + rng.sample(range(1000, 131072), 300):
         assert tok.id_to_piece(i) == ref.id_to_piece(i)
-        assert tok.id_to_bytes(i) == (ref.id_to_byte_piece(i, SpecialTokenPolicy.KEEP))
+        assert tok.id_to_bytes(i) == ref.id_to_byte_piece(i, SpecialTokenPolicy.KEEP)
         if i >= 1000:
             assert tok.piece_to_id(tok.id_to_bytes(i)) == i
     assert tok.piece_to_id("</s>") == 2 and tok.piece_to_id("[/INST]") == 4
@@ -282,6 +283,9 @@ CHAT_CASES = {
          T("Oslo12345", '{"t": -3}'), A("-3 °C"), U("thanks"), A("You're welcome.")],
         WEATHER_TOOLS,
     ),  # fmt: skip
+    "calls_without_tool_list": ([U("x"), calls(call("abc123XYZ", "lookup", {"k": 1})), T("abc123XYZ", "v", name="lookup"),
+                                 A("v")], None),
+    "empty_tool_list": ([S("s"), U("x"), A("y")], []),
     "final_tool_call": ([U("Paris?"), calls(call("abc123XYZ", "get_weather", {"city": "Paris"}))], WEATHER_TOOLS),
     "final_tool_call_without_id": ([U("Paris?"), calls(call(None, "get_weather", {"city": "Paris"}),
                                                        call(None, "get_weather", {"city": "Lyon"}))], WEATHER_TOOLS),  # fmt: skip
@@ -313,7 +317,7 @@ def to_mistral(messages, tools):
                 for c in m.get("tool_calls") or []
             ]  # fmt: skip
             out.append(FinetuningAssistantMessage(content=content, tool_calls=tcs or None, weight=m.get("weight")))
-    return ChatCompletionRequest(messages=out, tools=[Tool.from_openai(t) for t in tools] if tools else None)
+    return ChatCompletionRequest(messages=out, tools=None if tools is None else [Tool.from_openai(t) for t in tools])
 
 
 def reference_training(mt, messages, tools):
@@ -434,7 +438,7 @@ def test_malformed_messages(tok):
         ([{"role": "user"}, A("b")], "has no content"),
         ([U("a"), {"role": "assistant", "tool_calls": "x"}], "tool_calls must be a list"),
         ([U("a"), calls(call("abc123XYZ", "f", 5))], "arguments must be a JSON string or object"),
-        ([U("a", ), {**A("b"), "weight": None}, {**U("c"), "weight": 1}, A("d")], "only assistant messages may have a weight"),
+        ([U("a"), A("b"), {**U("c"), "weight": 1}, A("d")], "only assistant messages may have a weight"),
     ]  # fmt: skip
     for messages, reason in cases:
         with pytest.raises(UserError, match=reason):

@@ -85,9 +85,10 @@ class SafetensorsFile:
             expected = e.end
         available = size - self.data_start
         if available < expected:
-            last = max(self.entries.values(), key=lambda e: e.end)
-            raise self._error(f"truncated: the header needs {expected} data bytes, the file has {available} "
-                              f"(tensor {last.name!r} and possibly others are cut off)")
+            cut = sorted((e for e in self.entries.values() if e.end > available), key=lambda e: e.begin)
+            more = f" (and {len(cut) - 1} more)" if len(cut) > 1 else ""
+            raise self._error(f"truncated: the header needs {expected} data bytes, the file has {available}; "
+                              f"tensor {cut[0].name!r} is cut off{more}")
         if available > expected:
             raise self._error(f"corrupt: {available - expected} bytes after the last tensor")
 

@@ -1,0 +1,73 @@
+"""The committed `make demo` data (data/demo/) equals a fresh run of scripts/make_demo_data.py, and every
+conversation in it is a valid Mistral V3 Tekken fine-tuning conversation (mistral-common) of at most 256 tokens."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+
+
+@pytest.fixture(scope="module")
+def gen():
+    spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tok(gen):
+    return gen.load_mistral_tokenizer()
+
+
+def _records(name):
+    return [json.loads(line) for line in (DEMO / name).read_text(encoding="utf-8").splitlines()]
+
+
+def test_committed_files_equal_a_fresh_generation(gen, tok, tmp_path):
+    files = gen.build(tok)  # also encodes every conversation with mistral-common (raises if one is invalid)
+    assert sorted(files) == sorted(gen.FILES)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    for name in gen.FILES:
+        assert (DEMO / name).is_file(), f"data/demo/{name} missing: run python scripts/make_demo_data.py"
+        assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes(), (
+            f"data/demo/{name} differs from a fresh generation: run python scripts/make_demo_data.py")
+
+
+def test_every_conversation_encodes_with_mistral_common(gen, tok):
+    for name in ("tools_train.jsonl", "tools_eval.jsonl"):
+        records = _records(name)
+        assert len(records) == gen.COUNTS[name.removesuffix(".jsonl")]
+        for i, rec in enumerate(records):
+            assert set(rec) == {"messages", "tools"}, (name, i)
+            gen.check_structure(rec)
+            n = len(gen.encode_conversation(tok, rec))
+            assert n <= gen.MAX_TOKENS, (name, i, n)
+
+
+def test_pretraining_documents(gen, tok):
+    tekken = tok.instruct_tokenizer.tokenizer
+    for name in ("pretrain_train.jsonl", "pretrain_eval.jsonl"):
+        records = _records(name)
+        assert len(records) == gen.COUNTS[name.removesuffix(".jsonl")]
+        for rec in records:
+            assert set(rec) == {"text"}
+            n = len(tekken.encode(rec["text"], bos=True, eos=True))
+            assert gen.DOC_MIN_TOKENS <= n <= gen.DOC_MAX_TOKENS, (name, n, rec["text"][:80])
+
+
+def test_eval_records_are_not_train_records():
+    for kind in ("pretrain", "tools"):
+        train = set((DEMO / f"{kind}_train.jsonl").read_text(encoding="utf-8").splitlines())
+        eval_ = (DEMO / f"{kind}_eval.jsonl").read_text(encoding="utf-8").splitlines()
+        assert not train.intersection(eval_), kind
+        assert len(set(eval_)) == len(eval_), kind
+
+
+def test_demo_data_stays_small():
+    assert sum(p.stat().st_size for p in DEMO.glob("*.jsonl")) < 3_000_000
