@@ -10,7 +10,7 @@ Reported: tokens/s of
   - encode in a loop vs the same (single-thread comparison);
   - encode_chat vs MistralTokenizer.encode_chat_completion (v3, finetuning mode) on conversations
     built from the same documents; mistral-common is timed from ready-made request objects.
-Each figure is the best of --repeats runs.
+Each figure is the best of --repeats runs, the candidates taking turns.
 """
 
 import argparse
@@ -60,13 +60,15 @@ def build_corpus(megabytes: float, seed: int = 0) -> list[str]:
     return docs
 
 
-def best_of(repeats, fn):
-    times = []
+def best_of(repeats, fns: dict) -> dict:
+    """name -> (best time, output); the candidates take turns, so load changes hit them alike."""
+    times, outs = {k: [] for k in fns}, {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: (min(times[k]), outs[k]) for k in fns}
 
 
 TOOLS = [{"type": "function", "function": {"name": "search_docs", "description": "Search the documentation",
@@ -122,7 +124,7 @@ def to_request(messages, tools):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=8.0, help="corpus size in MB")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chats", type=int, default=2000)
     args = parser.parse_args()
 
@@ -142,9 +144,12 @@ def main():
     docs = build_corpus(args.mb)
     print(f"corpus: {len(docs)} documents, {sum(len(d.encode()) for d in docs) / 1e6:.1f} MB")
 
-    t_ref_enc, want = best_of(args.repeats, lambda: [ref.encode(d, bos=False, eos=False) for d in docs])
-    t_batch, got = best_of(args.repeats, lambda: tok.encode_batch(docs))
-    t_loop, got_loop = best_of(args.repeats, lambda: [tok.encode(d) for d in docs])
+    r = best_of(args.repeats, {
+        "ref": lambda: [ref.encode(d, bos=False, eos=False) for d in docs],
+        "batch": lambda: tok.encode_batch(docs),
+        "loop": lambda: [tok.encode(d) for d in docs],
+    })  # fmt: skip
+    (t_ref_enc, want), (t_batch, got), (t_loop, got_loop) = r["ref"], r["batch"], r["loop"]
     assert got == want == got_loop, "token mismatch with mistral-common"
     n = sum(map(len, want))
     print(f"\ntext: {n} tokens")
@@ -154,8 +159,11 @@ def main():
 
     chats = build_chats(docs, args.chats)
     requests = [to_request(m, t) for m, t in chats]
-    t_ref_chat, want = best_of(args.repeats, lambda: [ref_chat.encode_chat_completion(r).tokens for r in requests])
-    t_chat, got = best_of(args.repeats, lambda: [tok.encode_chat(m, t) for m, t in chats])
+    r = best_of(args.repeats, {
+        "ref": lambda: [ref_chat.encode_chat_completion(r).tokens for r in requests],
+        "ours": lambda: [tok.encode_chat(m, t) for m, t in chats],
+    })  # fmt: skip
+    (t_ref_chat, want), (t_chat, got) = r["ref"], r["ours"]
     assert [ids for ids, _ in got] == want, "chat token mismatch with mistral-common"
     n = sum(map(len, want))
     print(f"\nchat: {len(chats)} conversations, {n} tokens")

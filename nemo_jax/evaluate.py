@@ -74,7 +74,7 @@ def format_table(results: dict) -> str:
 
 
 def main_eval(args) -> dict:
-    from nemo_jax.tokenizer import load_tokenizer
+    from nemo_jax.trainer import tokenizer_for
 
     cfg = _run_config(args)
     seq_len = args.seq_len or (cfg.train.seq_len if cfg else DEFAULT_SEQ_LEN)
@@ -84,7 +84,7 @@ def main_eval(args) -> dict:
     if seq_len < 2 or batch_size < 1:
         raise UserError("--seq-len must be ≥ 2 and --batch-size ≥ 1")
     config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype)
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = tokenizer_for(config, tok_path)
     loss_chunk = cfg.train.loss_chunk if cfg else 1024
     results = evaluate_files(config, params, lora_params, spec, args.data, tokenizer, seq_len, batch_size,
                              loss_chunk)

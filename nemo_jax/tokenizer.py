@@ -60,9 +60,13 @@ def default_tokenizer_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], "data", "tekken_240718.json")
 
 
-def load_tokenizer(path: str | os.PathLike | None = None) -> "Tokenizer":
-    """Load a tekken.json; with no path, NeMo's own `tekken_240718.json`."""
-    return Tokenizer.from_file(default_tokenizer_path() if path is None else path)
+def load_tokenizer(path: str | os.PathLike | None = None, vocab_size: int | None = None) -> "Tokenizer":
+    """Load a tekken.json; with no path, NeMo's own `tekken_240718.json`.
+
+    `vocab_size` smaller than the file's keeps only the first ids (all control tokens, then the most
+    frequent merges), as Tekken files with a smaller default vocab do: for models with a cut vocab.
+    """
+    return Tokenizer.from_file(default_tokenizer_path() if path is None else path, vocab_size=vocab_size)
 
 
 class Tokenizer:
@@ -93,7 +97,8 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_file(cls, path) -> "Tokenizer":
+    def from_file(cls, path, vocab_size: int | None = None) -> "Tokenizer":
+        vocab_size_override = vocab_size
         path = os.fspath(path)
         try:
             with open(path, "rb") as f:
@@ -127,7 +132,14 @@ class Tokenizer:
             if tok.get("rank") != i:
                 raise UserError(f"{path}: vocab[{i}] has rank {tok.get('rank')}, expected {i}")
         pieces = [base64.b64decode(tok["token_bytes"]) for tok in vocab]
-        return cls(pieces, special, pattern, vocab_size, version, hashlib.sha256(raw).hexdigest())
+        fingerprint = hashlib.sha256(raw).hexdigest()
+        if vocab_size_override is not None and vocab_size_override != vocab_size:
+            if not num_special < vocab_size_override <= vocab_size:
+                raise UserError(f"{path}: cannot cut the vocabulary of {vocab_size} ids to {vocab_size_override} "
+                                f"(it must keep the {num_special} special tokens and some merges)")
+            vocab_size = vocab_size_override
+            fingerprint = f"{fingerprint}-v{vocab_size}"
+        return cls(pieces, special, pattern, vocab_size, version, fingerprint)
 
     # ---- text -------------------------------------------------------------------------------
 
@@ -135,8 +147,12 @@ class Tokenizer:
         ids = self._enc.encode_ordinary(text)
         return self._wrap(ids, bos, eos)
 
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int = 8):
-        """Encode many texts at once; tiktoken runs them on `num_threads` threads, GIL released."""
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int | None = None):
+        """Encode many texts at once on `num_threads` threads (default: one per CPU, at most 8).
+
+        tiktoken releases the GIL while it segments; more threads than cores only add contention.
+        """
+        num_threads = num_threads or min(8, os.cpu_count() or 1)
         batch = self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
         return [self._wrap(ids, bos, eos) for ids in batch] if bos or eos else batch
 

@@ -43,6 +43,16 @@ def load_base(cfg) -> tuple[ModelConfig, dict | None]:
     return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype), params
 
 
+def tokenizer_for(config: ModelConfig, path: str | None):
+    """The tokenizer cut to the model's vocabulary when the model's is smaller (the demo's 8192 ids)."""
+    from nemo_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    if config.vocab_size < tokenizer.vocab_size:
+        tokenizer = load_tokenizer(path, vocab_size=config.vocab_size)
+    return tokenizer
+
+
 def device_batch(batch: dict, sharding) -> dict:
     """Per-process numpy rows -> global arrays laid out on the mesh (each process feeds its share)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in TL.BATCH_KEYS}
@@ -70,7 +80,6 @@ def _check_batch(cfg, spec_n_micro: int):
 
 def train(cfg) -> Path:
     from nemo_jax.data import make_eval_batches, make_train_iterator
-    from nemo_jax.tokenizer import load_tokenizer
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -85,10 +94,7 @@ def train(cfg) -> Path:
     config, base = load_base(cfg)
     if tc.seq_len > config.max_seq_len:
         raise UserError(f"train.seq_len ({tc.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"data.tokenizer: vocabulary of {tokenizer.vocab_size} does not fit the model's "
-                        f"vocab_size {config.vocab_size}")
+    tokenizer = tokenizer_for(config, cfg.data.tokenizer)
 
     step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk)
     opt = TL.make_optimizer(tc)
@@ -112,9 +118,8 @@ def train(cfg) -> Path:
     state = jax.jit(functools.partial(TL.init_state, opt=opt, seed=tc.seed), out_shardings=state_sh)(trainable)
     del trainable
 
-    process_batch = tc.batch_size // jax.process_count()
     train_iter = make_train_iterator(
-        list(cfg.data.train), tokenizer, tc.seq_len, process_batch, tc.seed,
+        list(cfg.data.train), tokenizer, tc.seq_len, tc.batch_size, tc.seed,
         skip_bad_records=cfg.data.skip_bad_records, process_index=jax.process_index(),
         process_count=jax.process_count(), num_proc=cfg.data.num_proc)
 
@@ -151,7 +156,8 @@ def train(cfg) -> Path:
         params, lora_params = (frozen, state["trainable"]) if spec_lora else (state["trainable"], None)
         for path in cfg.data.eval:
             batches = make_eval_batches(path, tokenizer, tc.seq_len, eval_bs, skip_bad_records=cfg.data.skip_bad_records,
-                                        num_proc=cfg.data.num_proc)
+                                        num_proc=cfg.data.num_proc, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
             loss, count = evaluate(eval_fn, params, lora_params, batches, batch_sh, tc.eval_batches)
             rec = {"step": step, "split": eval_split_name(path), "eval_loss": loss, "perplexity": float(np.exp(loss)),
                    "tokens": int(count)}

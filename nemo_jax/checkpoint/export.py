@@ -21,8 +21,8 @@ from typing import Callable
 
 from nemo_jax.checkpoint import layout
 from nemo_jax.checkpoint.safetensors_io import Writer
-from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, MISTRAL_FILE, MISTRAL_PARAMS, Source, np_dtype,
-                                         progress_bar)
+from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, MISTRAL_FILE, MISTRAL_PARAMS, Scratch, Source,
+                                         np_dtype, progress_bar)
 from nemo_jax.checkpoint.staging import staged_output
 from nemo_jax.config import ModelConfig, to_hf_config, to_params_json
 from nemo_jax.errors import UserError
@@ -87,7 +87,7 @@ def _write_safetensors(source: Source, config: ModelConfig, fmt: str, files: lis
     """Write `files` (consecutive runs of the leaf-ordered tensor list); returns the tensor bytes."""
     dt = np_dtype(config.param_dtype)
     total = sum(math.prod(layout.source_shape(leaf, config)) * dt.itemsize for _, ts in files for leaf, _, _ in ts)
-    current, value = None, None
+    current, value, scratch = None, None, Scratch()
     with progress_bar(total, progress, "export") as bar:
         for path, tensors in files:
             entries = [(name, dt, layout.source_shape(leaf, config)) for leaf, _, name in tensors]
@@ -97,7 +97,8 @@ def _write_safetensors(source: Source, config: ModelConfig, fmt: str, files: lis
                         current, value = leaf, None  # drop the previous leaf before reading the next
                         bar.set_postfix_str(leaf.key())
                         value = source.read_leaf(leaf, config.param_dtype)
-                    x = layout.from_ours(leaf, fmt, value[i] if leaf.stacked else value, config)
+                    x = layout.from_ours(leaf, fmt, value[i] if leaf.stacked else value, config,
+                                         out=scratch.get(layout.source_shape(leaf, config), dt))
                     w.write(name, x)
                     bar.update(x.nbytes)
     return total

@@ -132,18 +132,20 @@ def to_ours(leaf: Leaf, fmt: str, w: np.ndarray, c: ModelConfig, out: np.ndarray
     _transpose_into(out.reshape(w.shape[1], w.shape[0]), w)
 
 
-def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, dtype=None) -> np.ndarray:
-    """One layer of our leaf -> the new contiguous tensor stored in `fmt` (cast to `dtype` if given)."""
-    dtype = x.dtype if dtype is None else np.dtype(dtype)
+def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, out: np.ndarray | None = None) -> np.ndarray:
+    """One layer of our leaf -> the C-contiguous tensor stored in `fmt`, written into `out` if given.
+
+    Tensors stored as they are (embedding, norms) come back as `x` itself when it is contiguous.
+    """
     if leaf.n_in == 0:
-        return np.array(x, dtype=dtype, order="C")
+        return np.ascontiguousarray(x)
+    if out is None:
+        out = np.empty(source_shape(leaf, c), x.dtype)
     shape = leaf_shape(leaf, c)
-    x2 = x.reshape(math.prod(shape[:leaf.n_in]), math.prod(shape[leaf.n_in:]))
-    w = np.empty(x2.shape[::-1], dtype)
-    _transpose_into(w, x2)
+    _transpose_into(out, x.reshape(math.prod(shape[:leaf.n_in]), math.prod(shape[leaf.n_in:])))
     if fmt == "mistral" and leaf.rope_heads:
-        w = np.ascontiguousarray(unpermute(w, getattr(c, leaf.rope_heads)))
-    return w
+        out[...] = unpermute(out, getattr(c, leaf.rope_heads))  # unpermute's reshape copies first
+    return out
 
 
 def _transpose_into(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from nemo_jax.checkpoint import layout
-from nemo_jax.checkpoint.sources import Source, dtype_name, np_dtype, progress_bar
+from nemo_jax.checkpoint.sources import Scratch, Source, dtype_name, np_dtype, progress_bar
 from nemo_jax.checkpoint.staging import staged_output
 from nemo_jax.config import DTYPES, ModelConfig, read_json
 from nemo_jax.errors import UserError
@@ -48,6 +48,7 @@ def _context(partial_load: bool = False):
     ocp = _ocp()
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False
+    ctx.memory.deepcopy_host_arrays = False  # saves are synchronous: nothing modifies the arrays meanwhile
     ctx.pytree.loading.partial_load = partial_load
     return ctx
 
@@ -108,6 +109,7 @@ class StreamingWriter:
         self._ocp = _ocp()
 
     def add(self, leaf: layout.Leaf, value: np.ndarray) -> None:
+        """Returns once the leaf is on disk, so the caller may reuse `value`'s memory."""
         with _context():
             self._ocp.partial.save(self.out / PARAMS_DIR, layout.nest({leaf.path: value}))
 
@@ -124,14 +126,14 @@ def import_checkpoint(source: Source, out: Path, dtype: str | None = None, force
     dt = np_dtype(config.param_dtype)
     total = sum(int(np.prod(layout.stacked_shape(leaf, config))) * dt.itemsize for leaf in layout.LEAVES)
     protect = (source.path,) if hasattr(source, "path") else ()
+    buffer = Scratch()  # one leaf at a time, always in the same memory
     with staged_output(Path(out), force, protect) as tmp, \
             progress_bar(total, progress, "import") as bar:
         writer = StreamingWriter(tmp, config)
         for leaf in layout.LEAVES:
             bar.set_postfix_str(leaf.key())
-            value = source.read_leaf(leaf, config.param_dtype, on_bytes=bar.update)
-            writer.add(leaf, value)
-            del value
+            value = buffer.get(layout.stacked_shape(leaf, config), dt)
+            writer.add(leaf, source.read_leaf(leaf, config.param_dtype, on_bytes=bar.update, out=value))
         writer.finish()
     return config
 
@@ -168,13 +170,17 @@ class OrbaxSource(Source):
         self.stored_dtype = dtypes.pop() if len(dtypes) == 1 else "mixed (" + ", ".join(sorted(dtypes)) + ")"
         self.config = config.replace(param_dtype=self.stored_dtype) if self.stored_dtype in DTYPES else config
 
-    def read_leaf(self, leaf, dtype, layers=None, on_bytes=None) -> np.ndarray:
+    def read_leaf(self, leaf, dtype, layers=None, on_bytes=None, out=None) -> np.ndarray:
         target = np.empty(layout.stacked_shape(leaf, self.config), np_dtype(dtype))  # placeholder: no data touched
         with _context(partial_load=True):
-            out = layout.get_path(self._ocp.load(self.path / PARAMS_DIR, layout.nest({leaf.path: target})), leaf.path)
+            value = layout.get_path(self._ocp.load(self.path / PARAMS_DIR, layout.nest({leaf.path: target})), leaf.path)
+        value = value[layers] if (leaf.stacked and layers is not None) else value
         if on_bytes:
-            on_bytes(out.nbytes)
-        return out[layers] if (leaf.stacked and layers is not None) else out
+            on_bytes(value.nbytes)
+        if out is None:
+            return value
+        np.copyto(out, value)
+        return out
 
     def restore(self, abstract) -> dict:
         with _context():

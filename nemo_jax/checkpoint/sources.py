@@ -16,6 +16,7 @@ with the right shapes (the error names the file and the tensor).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +41,25 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(jax.numpy.dtype(name))  # knows "bfloat16" through ml_dtypes
 
 
+class Scratch:
+    """One reusable host buffer handed out as arrays of any shape.
+
+    Re-touching the same pages is much cheaper than faulting in fresh ones for every tensor: on a
+    small VM first-touch page faults cost as much as the copy itself.
+    """
+
+    def __init__(self):
+        self._buf = np.empty(0, np.uint8)
+
+    def get(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = math.prod(shape) * dtype.itemsize
+        if self._buf.nbytes < n:
+            self._buf = np.empty(0, np.uint8)  # free the old one first
+            self._buf = np.empty(n, np.uint8)
+        return self._buf[:n].view(dtype).reshape(shape)
+
+
 def progress_bar(total: int, progress: bool | None, desc: str) -> tqdm:
     """A progress bar over bytes; `progress=None` shows it only when stderr is a terminal."""
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
@@ -55,10 +75,11 @@ class Source:
     format: str  # "nemo_jax", "hf", "mistral"
 
     def read_leaf(self, leaf: layout.Leaf, dtype: str, layers: slice | None = None,
-                  on_bytes: Callable[[int], None] | None = None) -> np.ndarray:
-        """The leaf (only `layers` of its L axis if given) in our layout, as a new `dtype` array.
+                  on_bytes: Callable[[int], None] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The leaf (only `layers` of its L axis if given) in our layout as a `dtype` array.
 
-        `on_bytes(n)` is called as parts of it are ready (for progress bars)."""
+        Written into `out` (which is returned) when given, else into a new array. `on_bytes(n)` is
+        called as parts of it are ready (for progress bars)."""
         raise NotImplementedError
 
     def abstract(self, dtype: str | None = None):
@@ -114,6 +135,7 @@ class SafetensorsSource(Source):
 
     def __init__(self, path: Path, fmt: str):
         self.path, self.format = Path(path), fmt
+        self._scratch = Scratch()  # one layer's tensor as stored, before it is transposed into place
         self.description = f"{self.path} ({'HF' if fmt == 'hf' else 'Mistral'} safetensors)"
         if fmt == "hf":
             config = from_hf_config(read_json(self.path / HF_CONFIG), source=str(self.path / HF_CONFIG))
@@ -164,16 +186,18 @@ class SafetensorsSource(Source):
             return {None: single}
         raise UserError(f"{self.path}: no {HF_SINGLE} or {HF_INDEX} (only safetensors checkpoints are supported)")
 
-    def read_leaf(self, leaf, dtype, layers=None, on_bytes=None) -> np.ndarray:
+    def read_leaf(self, leaf, dtype, layers=None, on_bytes=None, out=None) -> np.ndarray:
         dt, c = np_dtype(dtype), self.config
         on_bytes = on_bytes or (lambda n: None)
+        idx = range(c.n_layers)[layers] if layers is not None else range(c.n_layers)
+        shape = ((len(idx),) if leaf.stacked else ()) + layout.leaf_shape(leaf, c)
+        if out is None:
+            out = np.empty(shape, dt)
+        assert out.shape == shape and out.dtype == dt, (out.shape, out.dtype, shape, dt)
         if not leaf.stacked:
-            out = np.empty(layout.leaf_shape(leaf, c), dt)
             self._read_into(leaf, None, out)
             on_bytes(out.nbytes)
             return out
-        idx = range(c.n_layers)[layers] if layers is not None else range(c.n_layers)
-        out = np.empty((len(idx),) + layout.leaf_shape(leaf, c), dt)
         for j, i in enumerate(idx):
             self._read_into(leaf, i, out[j])
             on_bytes(out[j].nbytes)
@@ -185,4 +209,6 @@ class SafetensorsSource(Source):
         if leaf.n_in == 0 and f.entries[name].dtype == out.dtype:
             f.read(name, out=out)  # straight into place, no temporary
         else:
-            layout.to_ours(leaf, self.format, f.read(name), self.config, out)
+            e = f.entries[name]
+            w = f.read(name, out=self._scratch.get(e.shape, e.dtype))
+            layout.to_ours(leaf, self.format, w, self.config, out)
