@@ -14,12 +14,23 @@ def main(argv=None):
     p.add_argument("--config", required=True, help="YAML run config (see configs/ and the README)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=1e-5 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="load no weights: compile the step for the configured mesh and report parameters, "
+                        "FLOPs and per-device memory")
+    p.add_argument("--device-memory", metavar="SIZE", help="with --dry-run: say whether it fits, e.g. 80GB")
     args = p.parse_args(argv)
 
     from nemo_jax.run_config import load_config
-    from nemo_jax.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from nemo_jax.plan import dry_run, format_report, parse_bytes
+
+        mem = parse_bytes(args.device_memory) if args.device_memory else None
+        print(format_report(dry_run(cfg, mem)))
+        return
+    from nemo_jax.trainer import train
+
     train(cfg)
 
 

@@ -11,7 +11,8 @@ sharded like transformers does, then in the same run and on the same disk:
     python -m nemo_jax.convert export CKPT HF2      nemo_jax -> HF
 
 each followed by `sync`, so every time includes getting the bytes to disk. Each conversion is a
-fresh process (start-up and JAX import included); its peak RSS is its VmHWM. Goal: peak RSS <= 0.5x the checkpoint, time <= 3x cp.
+fresh process (start-up and JAX import included); its peak RSS is its VmHWM.
+Goal: peak RSS <= 0.5x the checkpoint, time <= 3x cp.
 The export is checked to give back the source's bytes.
 """
 

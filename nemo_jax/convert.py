@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     from nemo_jax import checkpoint as ckpt
     from nemo_jax.checkpoint.export import parse_size
 
-    progress = None if not args.no_progress else False  # None: tqdm shows a bar only on a terminal
+    progress = False if args.no_progress else None  # None: the bar shows only on a terminal
     start = time.perf_counter()
     if args.command == "import":
         source = ckpt.open_checkpoint(args.src, args.format)  # a nemo_jax SRC works too (e.g. to change dtype)
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         what = f"nemo_jax checkpoint ({config.param_dtype})"
     else:
         source = ckpt.open_checkpoint(args.ckpt)  # any layout; a nemo_jax path goes through resolve_checkpoint
-        opts = ckpt.ExportOptions(dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size), progress=progress)
+        opts = ckpt.ExportOptions(dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
+                                  progress=progress)
         ckpt.export_checkpoint(source, args.out, args.format, opts, args.force)
         what = f"{args.format} checkpoint ({source.config_for(args.dtype).param_dtype})"
     print(f"wrote {args.out}: {what} from {source.description} in {time.perf_counter() - start:.1f}s")

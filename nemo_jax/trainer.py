@@ -72,10 +72,99 @@ def evaluate(eval_fn, params, lora_params, batches, sharding, max_batches=None) 
     return total / count, count
 
 
-def _check_batch(cfg, spec_n_micro: int):
-    if cfg.train.batch_size % jax.process_count():
-        raise UserError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Everything static about a run's step: model, step spec, optimizer and every sharding."""
+
+    config: ModelConfig
+    lora: M.LoraSpec | None
+    step_spec: TL.StepSpec
+    opt: object
+    mesh: object
+    param_sh: dict
+    trainable_sh: dict
+    frozen_sh: dict | None
+    state_sh: dict
+    batch_sh: object
+
+    def step_fn(self):
+        return jax.jit(functools.partial(TL.train_step, self.step_spec, self.opt),
+                       in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
+                       out_shardings=(self.state_sh, None), donate_argnums=(0,))
+
+    def abstract_state(self):
+        trainable = self.abstract_trainable()
+        state = jax.eval_shape(functools.partial(TL.init_state, opt=self.opt, seed=0), trainable)
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, self.state_sh)
+
+    def abstract_trainable(self):
+        abstract = M.abstract_variables(self.config, self.lora)
+        tree = abstract["lora"] if self.lora else abstract["params"]
+        dtype = jnp.float32 if self.lora else None
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh),
+                            tree, self.trainable_sh)
+
+    def abstract_params(self):
+        abstract = M.abstract_variables(self.config)["params"]
+        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract,
+                            self.param_sh)
+
+
+def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
+    tc = cfg.train
+    spec_lora = lora_spec(cfg)
+    n_micro = TL.n_micro(tc.batch_size, tc.micro_batch_size)
+    step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk)
+    opt = TL.make_optimizer(tc)
+    axes = M.logical_axes(config, spec_lora)
+    abstract = M.abstract_variables(config, spec_lora)
+    param_sh = S.tree_shardings(axes["params"], abstract["params"], mesh)
+    if spec_lora is not None:
+        trainable_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
+        frozen_sh = param_sh
+        trainable_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract["lora"])
+    else:
+        trainable_sh, frozen_sh, trainable_abs = param_sh, None, abstract["params"]
+    state_sh = TL.state_shardings(opt, trainable_abs, trainable_sh, mesh)
+    return Layout(config, spec_lora, step_spec, opt, mesh, param_sh, trainable_sh, frozen_sh, state_sh,
+                  S.batch_sharding(mesh))
+
+
+def check_run_config(cfg, config: ModelConfig):
+    tc = cfg.train
+    if cfg.fp8.enabled:
+        raise UserError("fp8.enabled: FP8 quantisation-aware training is not available in this version")
+    if tc.seq_len > config.max_seq_len:
+        raise UserError(f"train.seq_len ({tc.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
+    micro = tc.micro_batch_size or tc.batch_size
+    if tc.batch_size % jax.process_count():
+        raise UserError(f"train.batch_size ({tc.batch_size}) must be divisible by the number of "
                         f"processes ({jax.process_count()})")
+    mesh = cfg.mesh
+    shards = S.mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, mesh.sequence, jax.device_count())
+    dp = shards["data"] * shards["fsdp"]
+    if micro % dp:
+        raise UserError(f"train.micro_batch_size ({micro}) must be divisible by mesh.data x mesh.fsdp ({dp})")
+    if tc.seq_len % shards["sequence"]:
+        raise UserError(f"train.seq_len ({tc.seq_len}) must be divisible by mesh.sequence ({shards['sequence']})")
+
+
+def init_arrays(layout: Layout, seed: int, base: dict | None):
+    """(state, frozen) on the mesh: base params initialised from `seed` (from scratch) or given."""
+    config = layout.config
+    base_rng, lora_rng = jax.random.split(jax.random.key(seed))
+    if base is None:
+        base = jax.jit(lambda r: M.init_params(config, r)["params"], out_shardings=layout.param_sh)(base_rng)
+    else:
+        base = jax.device_put(base, layout.param_sh)
+    if layout.lora is not None:
+        trainable = jax.device_put(lora_lib.init_lora(config, layout.lora, lora_rng), layout.trainable_sh)
+        frozen = base
+    else:
+        trainable, frozen = base, None
+    state = jax.jit(functools.partial(TL.init_state, opt=layout.opt, seed=seed),
+                    out_shardings=layout.state_sh)(trainable)
+    return state, frozen
 
 
 def train(cfg) -> Path:
@@ -84,39 +173,14 @@ def train(cfg) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
-    spec_lora = lora_spec(cfg)
-    n_micro = TL.n_micro(tc.batch_size, tc.micro_batch_size)
-    _check_batch(cfg, n_micro)
-    if cfg.fp8.enabled:
-        raise UserError("fp8.enabled: FP8 quantisation-aware training is not available in this version")
-
     mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
     config, base = load_base(cfg)
-    if tc.seq_len > config.max_seq_len:
-        raise UserError(f"train.seq_len ({tc.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
+    check_run_config(cfg, config)
     tokenizer = tokenizer_for(config, cfg.data.tokenizer)
-
-    step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk)
-    opt = TL.make_optimizer(tc)
-    axes = M.logical_axes(config, spec_lora)
-    abstract = M.abstract_variables(config, spec_lora)
-    param_sh = S.tree_shardings(axes["params"], abstract["params"], mesh)
-    rng = jax.random.key(tc.seed)
-    base_rng, lora_rng = jax.random.split(rng)
-    if base is None:
-        base = jax.jit(lambda r: M.init_params(config, r)["params"], out_shardings=param_sh)(base_rng)
-    else:
-        base = jax.device_put(base, param_sh)
-
-    if spec_lora is not None:
-        lora_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
-        trainable = jax.device_put(lora_lib.init_lora(config, spec_lora, lora_rng), lora_sh)
-        frozen, trainable_sh, frozen_sh = base, lora_sh, param_sh
-    else:
-        trainable, frozen, trainable_sh, frozen_sh = base, None, param_sh, None
-    state_sh = TL.state_shardings(opt, jax.eval_shape(lambda: trainable), trainable_sh, mesh)
-    state = jax.jit(functools.partial(TL.init_state, opt=opt, seed=tc.seed), out_shardings=state_sh)(trainable)
-    del trainable
+    layout = make_layout(cfg, config, mesh)
+    spec_lora, state_sh, batch_sh = layout.lora, layout.state_sh, layout.batch_sh
+    state, frozen = init_arrays(layout, tc.seed, base)
+    del base
 
     train_iter = make_train_iterator(
         list(cfg.data.train), tokenizer, tc.seq_len, tc.batch_size, tc.seed,
@@ -126,9 +190,7 @@ def train(cfg) -> Path:
     mngr = TL.checkpoint_manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     start = mngr.latest_step() or 0
     if start:
-        abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                      state, state_sh)
-        state, meta = TL.restore_checkpoint(mngr, start, abstract_state)
+        state, meta = TL.restore_checkpoint(mngr, start, layout.abstract_state())
         train_iter.restore(meta["data_state"])
         print(f"resuming from step {start} in {run_dir / 'checkpoints'}", flush=True)
     if start >= tc.steps:
@@ -146,10 +208,8 @@ def train(cfg) -> Path:
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     batch_sh = S.batch_sharding(mesh)
-    step_fn = jax.jit(functools.partial(TL.train_step, step_spec, opt),
-                      in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
-                      donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(TL.eval_sums, step_spec))
+    step_fn = layout.step_fn()
+    eval_fn = jax.jit(functools.partial(TL.eval_sums, layout.step_spec))
     eval_bs = tc.micro_batch_size or tc.batch_size
 
     def run_eval(step):

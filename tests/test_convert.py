@@ -14,8 +14,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+import nemo_jax
 from nemo_jax import checkpoint
 from nemo_jax.checkpoint import layout
+from nemo_jax.checkpoint.host import Scratch, transpose_into
 from nemo_jax.checkpoint.safetensors_io import SafetensorsFile, Writer
 from nemo_jax.convert import main
 from nemo_jax.errors import UserError
@@ -118,6 +120,10 @@ def test_dtype_conversion(sources, tmp_path):
     config16, params16 = checkpoint.load(tmp_path / "ckpt")
     assert config16 == config
     jax.tree.map(np.testing.assert_array_equal, params16, params)
+    cli("import", sources["hf32"], tmp_path / "ckpt32")
+    config16, params16 = nemo_jax.load(tmp_path / "ckpt32", dtype="bfloat16")  # orbax casts on restore
+    assert config16 == config
+    jax.tree.map(np.testing.assert_array_equal, params16, params)
     cli("export", tmp_path / "ckpt", tmp_path / "hf", "--format", "hf", "--dtype", "float32")
     back = tensors(tmp_path / "hf")
     for name, x in tensors(sources["hf32"]).items():  # bf16 -> fp32 is exact: the rounding is all there is
@@ -139,6 +145,7 @@ def test_save_orbax_and_logits(sources, tmp_path):
 RESTORE_SHARDED = """
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import nemo_jax
 from nemo_jax import checkpoint
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
 def shardings(abstract):  # shard every leaf's last axis 4 ways and its first 2 ways where they divide
@@ -151,7 +158,8 @@ for path in (SRC, CKPT):
     config, params = checkpoint.restore(path, shardings)
     for got, w, s in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(shardings(want))):
         assert got.sharding == s, (got.sharding, s)
-        assert len({sh.data.shape for sh in got.addressable_shards}) == 1 and got.addressable_shards[0].data.size < got.size
+        shards = got.addressable_shards
+        assert len({sh.data.shape for sh in shards}) == 1 and shards[0].data.size < got.size
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
 print("ok", len(jax.devices()))
 """
@@ -159,7 +167,8 @@ print("ok", len(jax.devices()))
 
 def test_restore_into_shardings_on_8_devices(sources, tmp_path):
     cli("import", sources["mistral16"], tmp_path / "ckpt")
-    script = RESTORE_SHARDED.replace("SRC", repr(str(sources["mistral16"]))).replace("CKPT", repr(str(tmp_path / "ckpt")))
+    script = RESTORE_SHARDED.replace("SRC", repr(str(sources["mistral16"])))
+    script = script.replace("CKPT", repr(str(tmp_path / "ckpt")))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "ok 8" in r.stdout, r.stderr[-3000:]
@@ -306,9 +315,10 @@ def test_sharded_hf_errors(sources, tmp_path, capsys):
 
 def test_safetensors_writer_and_reader_agree_with_the_library(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {"a": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16), "b": rng.standard_normal(7).astype(np.float32),
-              "c": np.zeros((0, 4), np.float32)}
-    with Writer(tmp_path / "ours.safetensors", [(k, v.dtype, v.shape) for k, v in arrays.items()], {"format": "pt"}) as w:
+    arrays = {"a": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
+              "b": rng.standard_normal(7).astype(np.float32), "c": np.zeros((0, 4), np.float32)}
+    entries = [(k, v.dtype, v.shape) for k, v in arrays.items()]
+    with Writer(tmp_path / "ours.safetensors", entries, {"format": "pt"}) as w:
         for k, v in arrays.items():
             w.write(k, v)
     lib = load_file(tmp_path / "ours.safetensors")
@@ -317,6 +327,17 @@ def test_safetensors_writer_and_reader_agree_with_the_library(tmp_path):
     for k, v in arrays.items():
         assert lib[k].tobytes() == v.tobytes() and lib[k].dtype == v.dtype
         assert f.read(k).tobytes() == v.tobytes() and f.read(k).shape == v.shape
+
+
+@pytest.mark.parametrize("shape", [(300, 260), (7, 5), (1, 8), (130, 3)])
+@pytest.mark.parametrize("src_dtype, dst_dtype", [(np.float32, np.float32), (ml_dtypes.bfloat16, ml_dtypes.bfloat16),
+                                                  (np.float16, np.float16), (np.float32, ml_dtypes.bfloat16),
+                                                  (ml_dtypes.bfloat16, np.float32)])
+def test_transpose_into(shape, src_dtype, dst_dtype):
+    src = np.random.default_rng(0).standard_normal(shape).astype(src_dtype)
+    dst = np.empty(shape[::-1], dst_dtype)
+    transpose_into(dst, src, Scratch())
+    np.testing.assert_array_equal(dst, src.T.astype(dst_dtype))
 
 
 def test_layout_permutation_is_the_documented_one():

@@ -14,6 +14,10 @@ and all give the same param tree (model.py's docstring; name tables in layout.py
 
 Everything streams: a conversion holds one stacked tensor (plus one layer) in memory, never the
 model (sources.py reads leaf by leaf, export.py writes tensor by tensor).
+
+Extension points: `resolve_checkpoint` (orbax_io.py) maps any path that is not an HF/Mistral
+directory to a `Source`, so a training run directory can be made loadable and exportable there;
+`EXPORTERS` (export.py) maps `--format` names to writer functions.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ FORMATS = ("nemo_jax", "hf", "mistral")
 
 __all__ = ["load", "load_abstract", "restore", "save_orbax", "open_checkpoint", "detect_format",
            "resolve_checkpoint", "import_checkpoint", "export_checkpoint", "ExportOptions", "EXPORTERS",
-           "Source", "StreamingWriter", "FORMATS"]
+           "Source", "OrbaxSource", "SafetensorsSource", "StreamingWriter", "FORMATS"]
 
 
 def detect_format(path: Path) -> str:
@@ -57,15 +61,14 @@ def detect_format(path: Path) -> str:
             raise UserError(f"{path}: has {HF_CONFIG} but no {HF_SINGLE} or {HF_INDEX} "
                             f"(only safetensors checkpoints are supported)")
         return "hf"
-    resolve_checkpoint(path)  # raises the "not a checkpoint" error, or knows a layout we don't
-    return "nemo_jax"
+    return "nemo_jax"  # resolve_checkpoint decides (e.g. a training run), or says it is not a checkpoint
 
 
 def open_checkpoint(path: Path, fmt: str | None = None) -> Source:
     """A Source for `path`, detecting the format unless `fmt` says it."""
     fmt = fmt or detect_format(path)
     if fmt == "nemo_jax":
-        return OrbaxSource(resolve_checkpoint(path))
+        return resolve_checkpoint(path)
     if fmt in ("hf", "mistral"):
         if not Path(path).is_dir():
             raise UserError(f"{path}: not found or not a directory")

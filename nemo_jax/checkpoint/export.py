@@ -20,9 +20,10 @@ from typing import Callable
 
 
 from nemo_jax.checkpoint import layout
+from nemo_jax.checkpoint.host import Scratch
 from nemo_jax.checkpoint.safetensors_io import Writer
-from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, MISTRAL_FILE, MISTRAL_PARAMS, Scratch, Source,
-                                         np_dtype, progress_bar)
+from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, MISTRAL_FILE, MISTRAL_PARAMS, Source, np_dtype,
+                                         progress_bar)
 from nemo_jax.checkpoint.staging import staged_output
 from nemo_jax.config import ModelConfig, to_hf_config, to_params_json
 from nemo_jax.errors import UserError
@@ -38,7 +39,7 @@ class ExportOptions:
 
 
 Exporter = Callable[[Source, Path, ExportOptions], None]
-Tensor = tuple[layout.Leaf, "int | None", str]  # (leaf, layer, name in the output format)
+Tensor = tuple[layout.Leaf, int | None, str]  # (leaf, layer, name in the output format)
 
 
 def export_hf(source: Source, out: Path, opts: ExportOptions) -> None:
@@ -57,7 +58,7 @@ def export_hf(source: Source, out: Path, opts: ExportOptions) -> None:
     files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     total = _write_safetensors(source, config, "hf", [(out / f, s) for f, s in zip(files, shards)], opts.progress)
     index = {"metadata": {"total_size": total},
-             "weight_map": {name: f for f, s in zip(files, shards) for _, _, name in sorted(s, key=lambda t: t[2])}}
+             "weight_map": dict(sorted((name, f) for f, s in zip(files, shards) for _, _, name in s))}
     (out / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (out / HF_CONFIG).write_text(json.dumps(to_hf_config(config, config.param_dtype), indent=2) + "\n")
 
@@ -77,8 +78,7 @@ def export_checkpoint(source: Source, out: Path, fmt: str, opts: ExportOptions =
                       force: bool = False) -> None:
     if fmt not in EXPORTERS:
         raise UserError(f"--format: expected one of {', '.join(EXPORTERS)}, got {fmt!r}")
-    protect = (source.path,) if hasattr(source, "path") else ()
-    with staged_output(Path(out), force, protect) as tmp:
+    with staged_output(Path(out), force, protect=(source.path,)) as tmp:
         EXPORTERS[fmt](source, tmp, opts)
 
 
@@ -87,7 +87,7 @@ def _write_safetensors(source: Source, config: ModelConfig, fmt: str, files: lis
     """Write `files` (consecutive runs of the leaf-ordered tensor list); returns the tensor bytes."""
     dt = np_dtype(config.param_dtype)
     total = sum(math.prod(layout.source_shape(leaf, config)) * dt.itemsize for _, ts in files for leaf, _, _ in ts)
-    current, value, scratch = None, None, Scratch()
+    current, value, stored, temp = None, None, Scratch(), Scratch()
     with progress_bar(total, progress, "export") as bar:
         for path, tensors in files:
             entries = [(name, dt, layout.source_shape(leaf, config)) for leaf, _, name in tensors]
@@ -98,7 +98,7 @@ def _write_safetensors(source: Source, config: ModelConfig, fmt: str, files: lis
                         bar.set_postfix_str(leaf.key())
                         value = source.read_leaf(leaf, config.param_dtype)
                     x = layout.from_ours(leaf, fmt, value[i] if leaf.stacked else value, config,
-                                         out=scratch.get(layout.source_shape(leaf, config), dt))
+                                         out=stored.get(layout.source_shape(leaf, config), dt), scratch=temp)
                     w.write(name, x)
                     bar.update(x.nbytes)
     return total

@@ -24,9 +24,8 @@ import math
 
 import numpy as np
 
+from nemo_jax.checkpoint.host import Scratch, transpose_into
 from nemo_jax.config import ModelConfig
-
-FORMATS = ("hf", "mistral")
 
 Path = tuple[str, ...]  # a leaf's key path in the param tree, e.g. ("layers", "attention", "q", "kernel")
 
@@ -122,17 +121,22 @@ def unpermute(w: np.ndarray, n: int) -> np.ndarray:
     return w.reshape(n, 2, rows // n // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def to_ours(leaf: Leaf, fmt: str, w: np.ndarray, c: ModelConfig, out: np.ndarray) -> None:
-    """Write one layer's tensor as stored in `fmt` into `out` (our layout, any float dtype: casts)."""
+def to_ours(leaf: Leaf, fmt: str, w: np.ndarray, c: ModelConfig, out: np.ndarray,
+            scratch: Scratch | None = None) -> None:
+    """Write one layer's tensor as stored in `fmt` into `out` (our layout, any float dtype: casts).
+
+    `scratch` lends the transpose its temporary (see host.py)."""
     if leaf.n_in == 0:
         out[...] = w
         return
     if fmt == "mistral" and leaf.rope_heads:
         w = permute(w, getattr(c, leaf.rope_heads))
-    _transpose_into(out.reshape(w.shape[1], w.shape[0]), w)
+    assert out.flags.c_contiguous  # so that the reshape below is a view of it
+    transpose_into(out.reshape(w.shape[1], w.shape[0]), w, scratch)
 
 
-def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, out: np.ndarray | None = None) -> np.ndarray:
+def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, out: np.ndarray | None = None,
+              scratch: Scratch | None = None) -> np.ndarray:
     """One layer of our leaf -> the C-contiguous tensor stored in `fmt`, written into `out` if given.
 
     Tensors stored as they are (embedding, norms) come back as `x` itself when it is contiguous.
@@ -142,17 +146,10 @@ def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, out: np.ndarr
     if out is None:
         out = np.empty(source_shape(leaf, c), x.dtype)
     shape = leaf_shape(leaf, c)
-    _transpose_into(out, x.reshape(math.prod(shape[:leaf.n_in]), math.prod(shape[leaf.n_in:])))
+    transpose_into(out, x.reshape(math.prod(shape[:leaf.n_in]), math.prod(shape[leaf.n_in:])), scratch)
     if fmt == "mistral" and leaf.rope_heads:
         out[...] = unpermute(out, getattr(c, leaf.rope_heads))  # unpermute's reshape copies first
     return out
-
-
-def _transpose_into(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:
-    """dst[...] = src.T, a few rows of src at a time: ~3x faster than one strided copy of a large
-    matrix (the block of src and its destination columns stay in cache)."""
-    for i in range(0, src.shape[0], block):
-        dst[:, i:i + block] = src[i:i + block].T
 
 
 def get_path(tree: dict, path: Path):

@@ -17,16 +17,17 @@ be sharded) in one go. Both produce the same layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
+from orbax.checkpoint import v1 as ocp
 
 from nemo_jax.checkpoint import layout
-from nemo_jax.checkpoint.sources import Scratch, Source, dtype_name, np_dtype, progress_bar
+from nemo_jax.checkpoint.host import Scratch
+from nemo_jax.checkpoint.sources import Source, dtype_name, np_dtype, progress_bar
 from nemo_jax.checkpoint.staging import staged_output
 from nemo_jax.config import DTYPES, ModelConfig, read_json
 from nemo_jax.errors import UserError
@@ -35,17 +36,31 @@ FORMAT, VERSION = "nemo_jax", 1
 CONFIG_FILE, PARAMS_DIR = "config.json", "params"
 
 
-def _ocp():
-    """orbax.checkpoint.v1, quietened: its INFO logs and deprecation chatter are not for our users."""
-    warnings.filterwarnings("ignore", module=r"orbax\..*")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    from orbax.checkpoint import v1 as ocp
+@contextlib.contextmanager
+def _no_fsync_per_file():
+    """Let tensorstore skip its fsync after every file it writes (3x faster writes measured here).
 
-    return ocp
+    Durability is not lost: `staged_output` fsyncs the whole directory once before the rename that
+    makes it a checkpoint. orbax has no option for this, so it patches orbax's private default
+    tensorstore context; if that ever moves, writes are merely slower.
+    """
+    try:
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+        names = [n for n in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT")
+                 if isinstance(getattr(ts_utils, n, None), dict)]
+    except ImportError:
+        ts_utils, names = None, []
+    saved = {n: getattr(ts_utils, n) for n in names}
+    for n in names:
+        setattr(ts_utils, n, {**saved[n], "file_io_sync": False})
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(ts_utils, n, saved[n])
 
 
 def _context(partial_load: bool = False):
-    ocp = _ocp()
     ctx = ocp.Context()
     ctx.array.saving.use_compression = False
     ctx.memory.deepcopy_host_arrays = False  # saves are synchronous: nothing modifies the arrays meanwhile
@@ -64,17 +79,18 @@ def is_checkpoint(path: Path) -> bool:
         return False
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """The nemo_jax model checkpoint directory that `path` names.
+def resolve_checkpoint(path: Path) -> Source:
+    """The weights a nemo_jax path names, as a Source (what load, restore and export read).
 
-    The one place that maps a user's path to a model checkpoint: today only a checkpoint directory
-    itself; the training code extends it to map a run directory to its newest checkpoint.
+    The one place that maps a user's path that is not an HF/Mistral directory to weights: today a
+    model checkpoint directory; the training code extends it so that a run directory gives its
+    newest checkpoint (a Source subclass over the training state).
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: not found")
     if is_checkpoint(path):
-        return path
+        return OrbaxSource(path)
     raise UserError(f"{path}: not a checkpoint (expected a nemo_jax checkpoint with {CONFIG_FILE} and "
                     f"{PARAMS_DIR}/, an HF directory with config.json and model.safetensors[.index.json], "
                     f"or a Mistral directory with params.json and consolidated.safetensors)")
@@ -94,9 +110,8 @@ def save_orbax(out_dir: Path, config: ModelConfig, params: dict, force: bool = F
     dtypes = {dtype_name(x.dtype) for x in leaves}
     if dtypes != {config.param_dtype}:
         raise ValueError(f"params are {sorted(dtypes)} but config.param_dtype is {config.param_dtype}")
-    ocp = _ocp()
     with staged_output(Path(out_dir), force) as tmp:
-        with _context():
+        with _context(), _no_fsync_per_file():
             ocp.save(tmp / PARAMS_DIR, params)
         write_config(tmp, config)
 
@@ -106,16 +121,15 @@ class StreamingWriter:
 
     def __init__(self, out: Path, config: ModelConfig):
         self.out, self.config = Path(out), config
-        self._ocp = _ocp()
 
     def add(self, leaf: layout.Leaf, value: np.ndarray) -> None:
-        """Returns once the leaf is on disk, so the caller may reuse `value`'s memory."""
-        with _context():
-            self._ocp.partial.save(self.out / PARAMS_DIR, layout.nest({leaf.path: value}))
+        """Returns once the leaf is written, so the caller may reuse `value`'s memory."""
+        with _context(), _no_fsync_per_file():
+            ocp.partial.save(self.out / PARAMS_DIR, layout.nest({leaf.path: value}))
 
     def finish(self) -> None:
-        with _context():
-            self._ocp.partial.finalize(self.out / PARAMS_DIR)
+        with _context(), _no_fsync_per_file():
+            ocp.partial.finalize(self.out / PARAMS_DIR)
         write_config(self.out, self.config)
 
 
@@ -125,9 +139,8 @@ def import_checkpoint(source: Source, out: Path, dtype: str | None = None, force
     config = source.config_for(dtype)
     dt = np_dtype(config.param_dtype)
     total = sum(int(np.prod(layout.stacked_shape(leaf, config))) * dt.itemsize for leaf in layout.LEAVES)
-    protect = (source.path,) if hasattr(source, "path") else ()
     buffer = Scratch()  # one leaf at a time, always in the same memory
-    with staged_output(Path(out), force, protect) as tmp, \
+    with staged_output(Path(out), force, protect=(source.path,)) as tmp, \
             progress_bar(total, progress, "import") as bar:
         writer = StreamingWriter(tmp, config)
         for leaf in layout.LEAVES:
@@ -150,7 +163,6 @@ class OrbaxSource(Source):
                             f"with a 'model' section")
         config = ModelConfig.from_dict(meta["model"], source=str(self.path / CONFIG_FILE))
         params = self.path / PARAMS_DIR
-        ocp = _ocp()
         if not params.is_dir() or not ocp.is_orbax_checkpoint(params):
             raise UserError(f"{params}: missing or incomplete orbax checkpoint")
         stored = ocp.metadata(params).metadata
@@ -173,8 +185,9 @@ class OrbaxSource(Source):
     def read_leaf(self, leaf, dtype, layers=None, on_bytes=None, out=None) -> np.ndarray:
         target = np.empty(layout.stacked_shape(leaf, self.config), np_dtype(dtype))  # placeholder: no data touched
         with _context(partial_load=True):
-            value = layout.get_path(self._ocp.load(self.path / PARAMS_DIR, layout.nest({leaf.path: target})), leaf.path)
-        value = value[layers] if (leaf.stacked and layers is not None) else value
+            value = layout.get_path(ocp.load(self.path / PARAMS_DIR, layout.nest({leaf.path: target})), leaf.path)
+        if leaf.stacked and layers is not None:
+            value = value[layers]
         if on_bytes:
             on_bytes(value.nbytes)
         if out is None:
@@ -184,11 +197,7 @@ class OrbaxSource(Source):
 
     def restore(self, abstract) -> dict:
         with _context():
-            return self._ocp.load(self.path / PARAMS_DIR, abstract)
-
-    @property
-    def _ocp(self):
-        return _ocp()
+            return ocp.load(self.path / PARAMS_DIR, abstract)
 
 
 def _flat_keys(tree, prefix=()):

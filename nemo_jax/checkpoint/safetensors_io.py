@@ -145,7 +145,8 @@ class Writer:
         for name, dtype, shape in entries:
             dtype = np.dtype(dtype)
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, dtype, tuple(shape)))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

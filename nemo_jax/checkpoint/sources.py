@@ -16,7 +16,6 @@ with the right shapes (the error names the file and the tensor).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nemo_jax.checkpoint import layout
+from nemo_jax.checkpoint.host import Scratch
 from nemo_jax.checkpoint.safetensors_io import SafetensorsFile
 from nemo_jax.config import DTYPES, ModelConfig, from_hf_config, from_params_json, read_json
 from nemo_jax.errors import UserError
@@ -41,25 +41,6 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(jax.numpy.dtype(name))  # knows "bfloat16" through ml_dtypes
 
 
-class Scratch:
-    """One reusable host buffer handed out as arrays of any shape.
-
-    Re-touching the same pages is much cheaper than faulting in fresh ones for every tensor: on a
-    small VM first-touch page faults cost as much as the copy itself.
-    """
-
-    def __init__(self):
-        self._buf = np.empty(0, np.uint8)
-
-    def get(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        n = math.prod(shape) * dtype.itemsize
-        if self._buf.nbytes < n:
-            self._buf = np.empty(0, np.uint8)  # free the old one first
-            self._buf = np.empty(n, np.uint8)
-        return self._buf[:n].view(dtype).reshape(shape)
-
-
 def progress_bar(total: int, progress: bool | None, desc: str) -> tqdm:
     """A progress bar over bytes; `progress=None` shows it only when stderr is a terminal."""
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
@@ -69,6 +50,7 @@ def progress_bar(total: int, progress: bool | None, desc: str) -> tqdm:
 class Source:
     """Base class: subclasses set the attributes below and implement `read_leaf`."""
 
+    path: Path  # the directory read
     config: ModelConfig  # as the checkpoint describes it; param_dtype = stored_dtype where the model allows
     stored_dtype: str  # "bfloat16", "float32", but also e.g. "float16" or "mixed (...)"
     description: str  # for messages: the path and the format
@@ -114,14 +96,14 @@ class Source:
             dtype = dtype_name(target.dtype)
             cache: dict = {}
 
-            def shard(index):
-                lead = index[0] if leaf.stacked and index else slice(None)
-                key = (lead.start, lead.stop, lead.step)
+            def shard(index: tuple[slice, ...]) -> np.ndarray:
+                layers = index[0] if leaf.stacked else None
+                key = None if layers is None else (layers.start, layers.stop, layers.step)
                 if key not in cache:
                     cache.clear()
-                    cache[key] = self.read_leaf(leaf, dtype, lead if leaf.stacked else None)
-                rest = index[1:] if leaf.stacked else index
-                return cache[key][(slice(None),) + tuple(rest) if leaf.stacked else tuple(rest)]
+                    cache[key] = self.read_leaf(leaf, dtype, layers)
+                # Only the layers were selected so far; select the rest of the index within them.
+                return cache[key][(slice(None),) + tuple(index[1:]) if leaf.stacked else tuple(index)]
 
             arr = jax.make_array_from_callback(target.shape, target.sharding, shard)
             cache.clear()
@@ -135,7 +117,7 @@ class SafetensorsSource(Source):
 
     def __init__(self, path: Path, fmt: str):
         self.path, self.format = Path(path), fmt
-        self._scratch = Scratch()  # one layer's tensor as stored, before it is transposed into place
+        self._stored, self._temp = Scratch(), Scratch()  # one layer as stored; the transpose's temporary
         self.description = f"{self.path} ({'HF' if fmt == 'hf' else 'Mistral'} safetensors)"
         if fmt == "hf":
             config = from_hf_config(read_json(self.path / HF_CONFIG), source=str(self.path / HF_CONFIG))
@@ -210,5 +192,5 @@ class SafetensorsSource(Source):
             f.read(name, out=out)  # straight into place, no temporary
         else:
             e = f.entries[name]
-            w = f.read(name, out=self._scratch.get(e.shape, e.dtype))
-            layout.to_ours(leaf, self.format, w, self.config, out)
+            w = f.read(name, out=self._stored.get(e.shape, e.dtype))
+            layout.to_ours(leaf, self.format, w, self.config, out, self._temp)

@@ -15,10 +15,11 @@ from nemo_jax.errors import UserError
 def staged_output(out: Path, force: bool = False, protect: tuple[Path, ...] = ()):
     """Yield an empty temporary directory beside `out`; rename it to `out` when the block succeeds.
 
-    A non-empty `out` is refused unless `force`; with `force` the old directory is replaced only
-    after the new one is complete. On any failure (Ctrl-C included) the temporary directory is
-    removed, so an interrupted conversion leaves nothing that looks complete. `protect` lists inputs
-    that `out` must not be, or contain, since replacing it would delete them.
+    The tree is fsynced before the rename. A non-empty `out` is refused unless `force`; with `force`
+    the old directory is replaced only after the new one is complete. On any failure (Ctrl-C
+    included) the temporary directory is removed, so an interrupted conversion leaves nothing that
+    looks complete. `protect` lists inputs that `out` must not be, or contain, since replacing it
+    would delete them.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -36,6 +37,7 @@ def staged_output(out: Path, force: bool = False, protect: tuple[Path, ...] = ()
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)  # the data is on disk before the name says the checkpoint is complete
         if out.exists():
             old = out.parent / f".{out.name}.old-{tag}"
             out.rename(old)
@@ -43,6 +45,21 @@ def staged_output(out: Path, force: bool = False, protect: tuple[Path, ...] = ()
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        _fsync(out.parent)  # ... and so is the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files + ["."]:
+            _fsync(os.path.join(dirpath, name))
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,109 @@
+"""`train.py --dry-run`: will this config fit, and how much work is a step? Loads no weights.
+
+Builds the abstract train state (shapes, dtypes and shardings only), compiles the real train step
+for the configured mesh, and reads XLA's own analyses of the compiled program: FLOPs per step (cost
+analysis) and per-device memory (arguments, outputs, temporaries). Runs on a CPU for the full 12B
+configs; multi-device meshes use fake host devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8).
+
+The memory figures are those of the program XLA compiles for the backend it runs on: planning on a
+CPU for a GPU target gives the same arguments and outputs (the state, exactly) and temporaries that
+are close to, not identical with, what the GPU compiler schedules.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nemo_jax import model as M
+from nemo_jax import sharding as S
+from nemo_jax import train_loop as TL
+from nemo_jax.config import ModelConfig, preset
+from nemo_jax.errors import UserError
+
+GiB = 1024**3
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text or "", re.IGNORECASE)
+    if not m:
+        raise UserError(f"--device-memory: expected a size like 80GB or 141GiB, got {text!r}")
+    scale = {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def model_config_for(cfg) -> ModelConfig:
+    """The architecture from the checkpoint's metadata (headers only) or the preset."""
+    if cfg.model.checkpoint:
+        from nemo_jax.checkpoint import load_abstract
+
+        config, _ = load_abstract(cfg.model.checkpoint)
+    else:
+        config = preset(cfg.model.preset)
+    return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+
+
+def dry_run(cfg, device_memory: int | None = None) -> dict:
+    from nemo_jax.trainer import check_run_config, make_layout
+
+    t0 = time.time()
+    config = model_config_for(cfg)
+    check_run_config(cfg, config)
+    mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
+    layout = make_layout(cfg, config, mesh)
+    state = layout.abstract_state()
+    frozen = layout.abstract_params() if layout.lora else None
+    tc = cfg.train
+    batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=layout.batch_sh) for k in TL.BATCH_KEYS}
+    compiled = layout.step_fn().lower(state, frozen, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    n_params = M.count_params(M.abstract_variables(config)["params"])
+    n_trainable = M.count_params(state["trainable"])
+    report = {
+        "parameters": n_params,
+        "trainable_parameters": n_trainable,
+        "devices": jax.device_count(),
+        "mesh": dict(mesh.shape),
+        "flops_per_step": float(cost.get("flops", 0.0)) if cost else 0.0,
+        "model_flops_per_step": TL.flops_per_token(config, tc.seq_len, layout.lora is not None)
+        * tc.batch_size * tc.seq_len,
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "compile_seconds": time.time() - t0,
+    }
+    # donated state buffers are reused for the outputs: count them once
+    report["peak_bytes"] = report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"] \
+        + report["temp_bytes"]
+    if device_memory:
+        report["device_memory"] = device_memory
+        report["fits"] = report["peak_bytes"] <= device_memory
+    return report
+
+
+def format_report(r: dict) -> str:
+    g = lambda b: f"{b / GiB:,.2f} GiB"
+    lines = [
+        f"parameters            {r['parameters']:,} ({r['trainable_parameters']:,} trainable)",
+        f"mesh                  {' x '.join(f'{k}={v}' for k, v in r['mesh'].items())} ({r['devices']} devices)",
+        f"FLOPs per step        {r['flops_per_step']:.4g} (XLA cost analysis, per device program); "
+        f"model FLOPs {r['model_flops_per_step']:.4g} (all devices)",
+        "memory per device (XLA memory analysis):",
+        f"  arguments           {g(r['argument_bytes'])}",
+        f"  outputs             {g(r['output_bytes'])} ({g(r['alias_bytes'])} reuse donated arguments)",
+        f"  temporaries         {g(r['temp_bytes'])}",
+        f"  peak                {g(r['peak_bytes'])}",
+    ]
+    if "fits" in r:
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        lines.append(f"{verdict} in {g(r['device_memory'])} per device")
+    lines.append(f"(planned in {r['compile_seconds']:.0f} s)")
+    return "\n".join(lines)
