@@ -15,37 +15,42 @@ import numpy as np
 
 
 class Scratch:
-    """One reusable buffer handed out as arrays of any shape (each `get` invalidates the last).
+    """Reusable buffers, one per named slot, handed out as arrays of any shape.
 
-    Re-touching the same pages is much cheaper than faulting in fresh ones for every tensor: on a
-    small VM first-touch page faults cost as much as the copy itself.
+    Each `get` of a slot invalidates what that slot handed out before. Re-touching the same pages
+    is much cheaper than faulting in fresh ones for every tensor: on a small VM first-touch page
+    faults cost as much as the copy itself.
     """
 
     def __init__(self):
-        self._buf = np.empty(0, np.uint8)
+        self._bufs: dict[str, np.ndarray] = {}
 
-    def get(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+    def get(self, shape: tuple[int, ...], dtype, slot: str = "") -> np.ndarray:
         dtype = np.dtype(dtype)
         n = math.prod(shape) * dtype.itemsize
-        if self._buf.nbytes < n:
-            self._buf = np.empty(0, np.uint8)  # free the old one first
-            self._buf = np.empty(n, np.uint8)
-        return self._buf[:n].view(dtype).reshape(shape)
+        if self._bufs.get(slot, np.empty(0, np.uint8)).nbytes < n:
+            self._bufs.pop(slot, None)  # free the old one first
+            self._bufs[slot] = np.empty(n, np.uint8)
+        return self._bufs[slot][:n].view(dtype).reshape(shape)
 
 
 def transpose_into(dst: np.ndarray, src: np.ndarray, scratch: Scratch | None = None) -> None:
-    """dst[...] = src.T for 2-D arrays; casts if the dtypes differ. `scratch` holds one src-sized temporary."""
+    """dst[...] = src.T for 2-D arrays (views of bigger ones are fine); casts if the dtypes differ.
+
+    `scratch` lends the temporary (as large as src)."""
     rows, cols = src.shape
     size = src.dtype.itemsize
     g = 8 // size
     if (src.dtype != dst.dtype or size not in (1, 2, 4) or cols % g
-            or not (src.flags.c_contiguous and dst.flags.c_contiguous)):
+            or src.strides[1] != size or dst.strides[1] != size):
         _blocked_transpose(dst, src)
         return
     word, unit = np.dtype(np.uint64), np.dtype(f"u{size}")
-    wide = (scratch or Scratch()).get((cols // g, rows), word)
+    wide = (scratch or Scratch()).get((cols // g, rows), word, "transpose")
     _blocked_transpose(wide, src.view(unit).view(word))  # wide[j, r] = src[r, g*j : g*j + g]
-    dst.view(unit).reshape(cols // g, g, rows)[...] = wide.view(unit).reshape(cols // g, rows, g).transpose(0, 2, 1)
+    d = dst.view(unit)  # split dst's rows into (cols // g, g): always a view, whatever dst's row stride
+    d = np.lib.stride_tricks.as_strided(d, (cols // g, g, rows), (d.strides[0] * g, d.strides[0], d.strides[1]))
+    d[...] = wide.view(unit).reshape(cols // g, rows, g).transpose(0, 2, 1)
 
 
 def _blocked_transpose(dst: np.ndarray, src: np.ndarray, block: int = 128) -> None:

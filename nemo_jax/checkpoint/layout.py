@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -121,34 +122,60 @@ def unpermute(w: np.ndarray, n: int) -> np.ndarray:
     return w.reshape(n, 2, rows // n // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def to_ours(leaf: Leaf, fmt: str, w: np.ndarray, c: ModelConfig, out: np.ndarray,
-            scratch: Scratch | None = None) -> None:
-    """Write one layer's tensor as stored in `fmt` into `out` (our layout, any float dtype: casts).
+# Large matrices are converted in blocks of rows of the stored tensor, so the temporaries stay
+# small whatever the tensor (the 1.3 GB lm_head of NeMo included).
+BLOCK_BYTES = 32 << 20
 
-    `scratch` lends the transpose its temporary (see host.py)."""
+
+def _block_rows(leaf: Leaf, c: ModelConfig, cols: int, itemsize: int) -> int:
+    """Rows per block: about BLOCK_BYTES, a multiple of 8 (transpose_into's fast path) and of
+    head_dim where the rope permutation needs whole heads."""
+    unit = math.lcm(8, c.head_dim) if leaf.rope_heads else 8
+    return max(unit, BLOCK_BYTES // (cols * itemsize) // unit * unit)
+
+
+def to_ours(leaf: Leaf, fmt: str, read_rows: Callable[[int, int], np.ndarray], c: ModelConfig, out: np.ndarray,
+            scratch: Scratch) -> None:
+    """Fill `out` (one layer, our layout; any float dtype: casts) from the tensor stored in `fmt`,
+    which `read_rows(r0, r1)` reads a block of rows of."""
+    rows = source_shape(leaf, c)[0]
     if leaf.n_in == 0:
-        out[...] = w
+        out[...] = read_rows(0, rows)
         return
-    if fmt == "mistral" and leaf.rope_heads:
-        w = permute(w, getattr(c, leaf.rope_heads))
+    cols = source_shape(leaf, c)[1]
     assert out.flags.c_contiguous  # so that the reshape below is a view of it
-    transpose_into(out.reshape(w.shape[1], w.shape[0]), w, scratch)
+    out2 = out.reshape(cols, rows)
+    step = _block_rows(leaf, c, cols, out.dtype.itemsize)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = read_rows(r0, r1)
+        if fmt == "mistral" and leaf.rope_heads:
+            w = _rope_rows(w, (r1 - r0) // c.head_dim, scratch, to_hf=True)
+        transpose_into(out2[:, r0:r1], w, scratch)
 
 
-def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, out: np.ndarray | None = None,
-              scratch: Scratch | None = None) -> np.ndarray:
-    """One layer of our leaf -> the C-contiguous tensor stored in `fmt`, written into `out` if given.
-
-    Tensors stored as they are (embedding, norms) come back as `x` itself when it is contiguous.
-    """
+def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, scratch: Scratch) -> Iterator[np.ndarray]:
+    """One layer of our leaf -> the tensor stored in `fmt`, as consecutive C-contiguous blocks of rows
+    (each valid until the next is produced)."""
     if leaf.n_in == 0:
-        return np.ascontiguousarray(x)
-    if out is None:
-        out = np.empty(source_shape(leaf, c), x.dtype)
-    shape = leaf_shape(leaf, c)
-    transpose_into(out, x.reshape(math.prod(shape[:leaf.n_in]), math.prod(shape[leaf.n_in:])), scratch)
-    if fmt == "mistral" and leaf.rope_heads:
-        out[...] = unpermute(out, getattr(c, leaf.rope_heads))  # unpermute's reshape copies first
+        yield np.ascontiguousarray(x)
+        return
+    rows, cols = source_shape(leaf, c)
+    x2 = x.reshape(cols, rows)
+    step = _block_rows(leaf, c, cols, x.dtype.itemsize)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = scratch.get((r1 - r0, cols), x.dtype, "rows")
+        transpose_into(w, x2[:, r0:r1], scratch)
+        if fmt == "mistral" and leaf.rope_heads:
+            w = _rope_rows(w, (r1 - r0) // c.head_dim, scratch, to_hf=False)
+        yield w
+
+
+def _rope_rows(w: np.ndarray, n: int, scratch: Scratch, to_hf: bool) -> np.ndarray:
+    """`permute` (to_hf) or `unpermute` of n whole heads' rows, into a scratch buffer."""
+    out = scratch.get(w.shape, w.dtype, "rope")
+    out[...] = permute(w, n) if to_hf else unpermute(w, n)
     return out
 
 

@@ -19,6 +19,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -111,16 +112,22 @@ class SafetensorsFile:
                               f"but spans bytes [{begin}, {end})")
         return Entry(name, dtype, shape, begin, end)
 
-    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
-        """The tensor as a new array (or into `out`, a C-contiguous array of the same shape and dtype)."""
+    def read(self, name: str, out: np.ndarray | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor (only rows [r0, r1) of its first axis if `rows` is given) as a new array, or
+        read into `out`, a C-contiguous array of that shape and the tensor's dtype."""
         e = self.entries[name]
+        shape, offset, nbytes = e.shape, self.data_start + e.begin, e.nbytes
+        if rows is not None:
+            row_bytes = e.nbytes // e.shape[0] if e.shape[0] else 0
+            shape, offset, nbytes = (rows[1] - rows[0],) + e.shape[1:], offset + rows[0] * row_bytes, \
+                (rows[1] - rows[0]) * row_bytes
         if out is None:
-            out = np.empty(e.shape, e.dtype)
-        assert out.shape == e.shape and out.dtype == e.dtype and out.flags.c_contiguous
+            out = np.empty(shape, e.dtype)
+        assert out.shape == shape and out.dtype == e.dtype and out.flags.c_contiguous, (out.shape, shape)
         buf = memoryview(out.reshape(-1).view(np.uint8))
         with open(self.path, "rb", buffering=0) as f:
-            pos, offset = 0, self.data_start + e.begin
-            while pos < e.nbytes:
+            pos = 0
+            while pos < nbytes:
                 n = os.preadv(f.fileno(), [buf[pos:pos + _CHUNK]], offset + pos)
                 if n <= 0:
                     raise self._error(f"truncated while reading tensor {name!r}")
@@ -156,11 +163,19 @@ class Writer:
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
-    def write(self, name: str, x: np.ndarray) -> None:
-        want = self._expected[self._next]
-        if (name, x.dtype, x.shape) != want:
-            raise AssertionError(f"{self.path}: writing {(name, x.dtype, x.shape)}, expected {want}")
-        self._f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+    def write(self, name: str, parts: np.ndarray | Iterable[np.ndarray]) -> None:
+        """Write the next tensor: an array, or its consecutive row blocks (each written as it comes)."""
+        want_name, want_dtype, want_shape = self._expected[self._next]
+        parts = [parts] if isinstance(parts, np.ndarray) else parts
+        rows = 0
+        for x in parts:
+            if name != want_name or x.dtype != want_dtype or x.shape[1:] != want_shape[1:]:
+                raise AssertionError(f"{self.path}: writing {name} {x.dtype} {x.shape}, expected "
+                                     f"{self._expected[self._next]}")
+            self._f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+            rows += x.shape[0] if x.ndim else 1
+        if rows != (want_shape[0] if want_shape else 1):
+            raise AssertionError(f"{self.path}: wrote {rows} rows of {name}, expected {want_shape}")
         self._next += 1
 
     def close(self) -> None:

@@ -1,0 +1,68 @@
+"""Sharded training on 8 fake CPU devices equals one device (tests/workers/sharded_steps.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from nemo_jax import sharding as S
+from nemo_jax.errors import UserError
+
+WORKER = Path(__file__).parent / "workers" / "sharded_steps.py"
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "result.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mesh", ["data8", "fsdp8", "2x2x2", "1x2x4", "seq4"])
+def test_same_losses_as_one_device(result, mesh, mode):
+    ref = result["losses"][f"single-{mode}"]
+    got = result["losses"][f"{mesh}-{mode}"]
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        assert abs(a - b) <= 1e-5 * abs(b), (mesh, mode, got, ref)
+    assert ref[-1] < ref[0]  # the steps really trained
+
+
+def test_fsdp_really_shards(result):
+    # every parameter of >= 4096 elements (and its Adam moments) is split 8 ways under fsdp=8
+    assert result["fsdp8_max_shard_fraction_full"] == pytest.approx(1 / 8)
+    assert result["fsdp8_opt_shard_fraction_full"] == pytest.approx(1 / 8)
+    assert result["fsdp8_max_shard_fraction_lora"] == pytest.approx(1 / 8)
+
+
+def test_restore_on_another_mesh(result):
+    assert result["restore_other_mesh_equal"] is True
+    assert result["restored_sharding"] == "P(None, 'fsdp', 'tensor', None)"
+
+
+def test_mesh_shape_fill_and_errors():
+    assert S.mesh_shape(1, -1, 2, 1, 8) == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}
+    with pytest.raises(UserError, match="at most one axis"):
+        S.mesh_shape(-1, -1, 1, 1, 8)
+    with pytest.raises(UserError, match="8 devices"):
+        S.mesh_shape(1, 3, 1, 1, 8)
+
+
+def test_kv_heads_replicated_when_tensor_does_not_divide():
+    mesh = jax.sharding.Mesh(jax.numpy.array(jax.devices()[:1]).reshape(1, 1, 1, 1), S.AXES)
+
+    class FakeMesh:
+        shape = {"data": 1, "fsdp": 1, "tensor": 16, "sequence": 1}
+
+    spec = S.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), FakeMesh, (40, 5120, 8, 128))
+    assert tuple(spec) == (None, None, None, None)
+    spec = S.logical_to_spec(("layers", "embed", "heads", "head_dim"), FakeMesh, (40, 5120, 32, 128))
+    assert tuple(spec) == (None, None, "tensor", None)
+    assert mesh.shape["tensor"] == 1

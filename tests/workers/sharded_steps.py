@@ -1,0 +1,109 @@
+"""Worker for test_sharding.py: runs in its own process so XLA can be given 8 fake CPU devices.
+
+    python sharded_steps.py OUT_JSON   (XLA_FLAGS=--xla_force_host_platform_device_count=8)
+
+For each case (mesh shape x full/LoRA) trains 3 steps on fixed batches from the same init and records
+the per-step losses, next to the same run on one device; checks that FSDP really shards; saves a
+checkpoint on one mesh and restores it on another.
+"""
+
+import json
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+from nemo_jax import sharding as S
+from nemo_jax import train_loop as TL
+from nemo_jax.run_config import config_from_dict
+from nemo_jax.trainer import init_arrays, make_layout
+from nemo_jax.config import preset
+
+MESHES = {"data8": (8, 1, 1, 1), "fsdp8": (1, 8, 1, 1), "2x2x2": (2, 2, 2, 1), "1x2x4": (1, 2, 4, 1),
+          "seq4": (1, 2, 1, 4)}
+CONFIG = preset("tiny").replace(dim=64, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=256)
+
+
+def run_config(mesh, lora):
+    d, f, t, s = mesh
+    return config_from_dict({
+        "output_dir": "unused", "model": {"preset": "tiny", "dtype": "float32", "param_dtype": "float32"},
+        "data": {"train": ["unused"]},
+        "train": {"steps": 3, "batch_size": 8, "micro_batch_size": 8, "seq_len": 32, "lr": 1e-2, "loss_chunk": 16,
+                  "schedule": "constant"},
+        "lora": {"enabled": lora, "rank": 4},
+        "mesh": {"data": d, "fsdp": f, "tensor": t, "sequence": s},
+    })
+
+
+def batches(n=3, B=8, T=32):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(3, CONFIG.vocab_size, size=(B, T + 1)).astype(np.int32)
+        seg = np.ones((B, T), np.int32)
+        seg[:, T // 2:] = 2  # two packed documents per row
+        pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0).astype(np.int32)
+        out.append({"tokens": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((B, T), np.float32),
+                    "segment_ids": seg, "positions": pos})
+    return out
+
+
+def train(mesh_shape, lora, devices=None):
+    cfg = run_config(mesh_shape, lora)
+    mesh = S.make_mesh(*mesh_shape, devices=devices)
+    layout = make_layout(cfg, CONFIG, mesh)
+    state, frozen = init_arrays(layout, 0, None)
+    step = layout.step_fn()
+    losses = []
+    for b in batches():
+        b = {k: jax.device_put(v, layout.batch_sh) for k, v in b.items()}
+        state, m = step(state, frozen, b)
+        losses.append(float(m["loss"]))
+    return losses, state, frozen, layout
+
+
+def max_shard_fraction(tree):
+    """Largest fraction of a big parameter that one device holds."""
+    fr = []
+    for x in jax.tree.leaves(tree):
+        if x.size >= 4096:
+            fr.append(max(s.data.size for s in x.addressable_shards) / x.size)
+    return max(fr)
+
+
+def main(out_path):
+    assert jax.device_count() == 8, jax.devices()
+    result = {"losses": {}}
+    for lora in (False, True):
+        ref, *_ = train((1, 1, 1, 1), lora, devices=jax.devices()[:1])
+        result["losses"][f"single-{'lora' if lora else 'full'}"] = ref
+        for name, shape in MESHES.items():
+            losses, state, frozen, layout = train(shape, lora)
+            result["losses"][f"{name}-{'lora' if lora else 'full'}"] = losses
+            if name == "fsdp8":
+                tree = frozen if lora else state["trainable"]
+                result[f"fsdp8_max_shard_fraction_{'lora' if lora else 'full'}"] = max_shard_fraction(tree)
+                result[f"fsdp8_opt_shard_fraction_{'lora' if lora else 'full'}"] = max_shard_fraction(
+                    state["opt_state"]) if not lora else None
+            if name == "fsdp8" and not lora:
+                saved_state, saved_layout = state, layout
+    # save on fsdp=8, restore on 2x2x2 and compare values
+    with tempfile.TemporaryDirectory() as d:
+        mngr = TL.checkpoint_manager(d, keep=1, async_save=False)
+        TL.save_checkpoint(mngr, 3, saved_state, {"step": 3})
+        mngr.wait_until_finished()
+        target = make_layout(run_config(MESHES["2x2x2"], False), CONFIG, S.make_mesh(*MESHES["2x2x2"]))
+        restored, _ = TL.restore_checkpoint(mngr, 3, target.abstract_state())
+        same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                            saved_state["trainable"], restored["trainable"])
+        result["restore_other_mesh_equal"] = all(jax.tree.leaves(same))
+        q = restored["trainable"]["layers"]["attention"]["q"]["kernel"]
+        result["restored_sharding"] = str(q.sharding.spec)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
