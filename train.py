@@ -18,7 +18,14 @@ def main(argv=None):
                    help="load no weights: compile the step for the configured mesh and report parameters, "
                         "FLOPs and per-device memory")
     p.add_argument("--device-memory", metavar="SIZE", help="with --dry-run: say whether it fits, e.g. 80GB")
+    p.add_argument("--coordinator-address", metavar="HOST:PORT", help="multi-host: process 0's address")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes (hosts)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
     args = p.parse_args(argv)
+
+    from nemo_jax.distributed import initialize
+
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
 
     from nemo_jax.run_config import load_config
 

@@ -39,6 +39,16 @@ class MetricsWriter:
         self._tb.close()
 
 
+class NullWriter:
+    """What processes other than 0 log with in a multi-host run: nothing."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

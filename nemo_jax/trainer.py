@@ -21,7 +21,8 @@ from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
 from nemo_jax.config import ModelConfig, preset
 from nemo_jax.errors import UserError
-from nemo_jax.metrics import MetricsWriter, plot_losses
+from nemo_jax.distributed import is_main_process
+from nemo_jax.metrics import MetricsWriter, NullWriter, plot_losses
 from nemo_jax.run_config import eval_split_name
 
 
@@ -204,8 +205,10 @@ def train(cfg) -> Path:
         "base": {"checkpoint": str(Path(cfg.model.checkpoint).absolute()) if cfg.model.checkpoint else None,
                  "preset": cfg.model.preset, "seed": tc.seed},
     }
-    TL.write_json_atomic(run_dir / "run.json", run_info)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    main = is_main_process()  # one writer of run files and metrics in a multi-host run
+    if main:
+        TL.write_json_atomic(run_dir / "run.json", run_info)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     batch_sh = S.batch_sharding(mesh)
     step_fn = layout.step_fn()
@@ -229,7 +232,7 @@ def train(cfg) -> Path:
         meta = {"step": step, "data_state": train_iter.state(), "config": cfg.to_dict()}
         TL.save_checkpoint(mngr, step, state, meta, force=force)
 
-    writer = MetricsWriter(run_dir, start)
+    writer = MetricsWriter(run_dir, start) if main else NullWriter()
     flops_tok = TL.flops_per_token(config, tc.seq_len, spec_lora is not None)
     peak = TL.peak_flops_per_device() * jax.device_count()
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -238,7 +241,8 @@ def train(cfg) -> Path:
         run_eval(0)
 
     stop = TL.StopFlag()
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
+               disable=not main)
     step = start
     t_last, steps_since = time.perf_counter(), 0
     with stop:
@@ -277,7 +281,7 @@ def train(cfg) -> Path:
     save(step, force=True)
     mngr.wait_until_finished()
     writer.close()
-    plot = plot_losses(run_dir)
+    plot = plot_losses(run_dir) if main else None
     print(f"done: {step} steps. run directory {run_dir}: checkpoints/, metrics.jsonl, tb/"
           + (f", {plot.name}" if plot else ""), flush=True)
     return run_dir

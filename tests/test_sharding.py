@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 from nemo_jax import sharding as S
@@ -56,13 +55,10 @@ def test_mesh_shape_fill_and_errors():
 
 
 def test_kv_heads_replicated_when_tensor_does_not_divide():
-    mesh = jax.sharding.Mesh(jax.numpy.array(jax.devices()[:1]).reshape(1, 1, 1, 1), S.AXES)
-
-    class FakeMesh:
+    class FakeMesh:  # the rules only read the axis sizes
         shape = {"data": 1, "fsdp": 1, "tensor": 16, "sequence": 1}
 
     spec = S.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), FakeMesh, (40, 5120, 8, 128))
     assert tuple(spec) == (None, None, None, None)
     spec = S.logical_to_spec(("layers", "embed", "heads", "head_dim"), FakeMesh, (40, 5120, 32, 128))
     assert tuple(spec) == (None, None, "tensor", None)
-    assert mesh.shape["tensor"] == 1
