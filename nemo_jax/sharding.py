@@ -10,6 +10,7 @@ are all-gathered inside the scan body, one layer at a time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -34,6 +35,7 @@ RULES = {
     "layers": None,
     "norm": None,
     "lora_rank": None,
+    "act_embed": None,  # activations keep D whole: weights are gathered, not activations
 }
 
 
@@ -96,3 +98,27 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+_ACTIVE_MESH: list[Mesh] = []
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh):
+    """While tracing under this context, `constrain` lays activations out on `mesh`."""
+    _ACTIVE_MESH.append(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE_MESH.pop()
+
+
+def constrain(x, axes: tuple):
+    """Pin an activation's layout by logical axes (a no-op outside `activation_mesh` or on one device).
+
+    Without it XLA may keep the residual stream sharded like the last weight it met (D over fsdp) and
+    re-gather it whole before every matmul."""
+    if not _ACTIVE_MESH or _ACTIVE_MESH[-1].size == 1:
+        return x
+    mesh = _ACTIVE_MESH[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, mesh, x.shape)))

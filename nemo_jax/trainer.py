@@ -89,8 +89,13 @@ class Layout:
     batch_sh: object
 
     def step_fn(self):
-        return jax.jit(functools.partial(TL.train_step, self.step_spec, self.opt),
-                       in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
+        step = functools.partial(TL.train_step, self.step_spec, self.opt)
+
+        def traced(state, frozen, batch):
+            with S.activation_mesh(self.mesh):
+                return step(state, frozen, batch)
+
+        return jax.jit(traced, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
                        out_shardings=(self.state_sh, None), donate_argnums=(0,))
 
     def abstract_state(self):
