@@ -1,11 +1,17 @@
-"""Held-out loss and perplexity of a model on JSONL files.
+"""Held-out loss and perplexity of a model on JSONL files, or function-calling accuracy.
 
     python eval.py --checkpoint PATH --data FILE [FILE ...] [--config C] [--out metrics.json]
                    [--batch-size N] [--seq-len N]
+    python eval.py --checkpoint PATH --data FILE [FILE ...] --task tool-calls [--max-new-tokens N]
+                   [--batch-size N] [--out metrics.json]
 
 PATH: a training run directory (its LoRA applied on its base), an orbax checkpoint, or an HF /
 Mistral safetensors directory. Each file is one split named after its stem; every document is
 scored on its own (no context across documents), text records as BOS text EOS.
+
+--task tool-calls generates every assistant turn of the instruct files from the conversation before
+it and scores tool calls (valid JSON, function names, names + arguments) and text replies (exact
+match); see nemo_jax/tool_eval.py.
 """
 
 import argparse
@@ -24,6 +30,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
     p.add_argument("--tokenizer", default=None, help="tekken.json (default: NeMo's, or the run's)")
+    p.add_argument("--task", choices=["loss", "tool-calls"], default="loss",
+                   help="loss: held-out loss/perplexity (default); tool-calls: generate and score each assistant turn")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tool-calls: tokens generated per turn (256)")
     args = p.parse_args(argv)
 
     from nemo_jax.evaluate import main_eval

@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "ModelConfig": "nemo_jax.config",
+    "generate": "nemo_jax.generate",
     "load": "nemo_jax.checkpoint",
     "logits": "nemo_jax.model",
     "load_tokenizer": "nemo_jax.tokenizer",

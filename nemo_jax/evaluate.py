@@ -1,4 +1,5 @@
-"""eval.py's library side: held-out loss / perplexity per split for any checkpoint kind."""
+"""eval.py's library side: held-out loss / perplexity per split for any checkpoint kind
+(`--task tool-calls` goes to tool_eval.py)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ def format_table(results: dict) -> str:
 def main_eval(args) -> dict:
     from nemo_jax.trainer import tokenizer_for
 
+    if getattr(args, "task", "loss") == "tool-calls":
+        from nemo_jax.tool_eval import main_tool_eval
+
+        return main_tool_eval(args)
+    if getattr(args, "max_new_tokens", None) is not None:
+        raise UserError("--max-new-tokens applies to --task tool-calls only")
     cfg = _run_config(args)
     seq_len = args.seq_len or (cfg.train.seq_len if cfg else DEFAULT_SEQ_LEN)
     batch_size = args.batch_size or (cfg and (cfg.train.micro_batch_size or cfg.train.batch_size)) or DEFAULT_BATCH

@@ -2,13 +2,23 @@
 
 The LM head turns [B, T, D] hidden states into [B, T, V] logits; at V = 131072 and T = 8192 that is
 4 GiB per sequence in fp32, more than the rest of the step. Scanning over chunks of the sequence
-with the chunk body rematerialised keeps only [B, chunk, V] alive, forward and backward.
+keeps only [B, chunk, V] alive, forward and backward.
+
+Under differentiation the head and the loss are one fused custom VJP: each chunk's forward also
+computes d loss / d logits = mask * (softmax - onehot) while its logits are live, and turns it at
+once into the chunk's hidden-state gradient (dlogits . head^T) and its share of the head gradient
+(h^T . dlogits, accumulated over chunks). Only those (the size of the hidden states and of the head)
+are kept for the backward pass, so the logits are computed once instead of being rematerialised,
+and the target gather never becomes a scatter into a [B, chunk, V] gradient. The backward pass
+scales them by the incoming cotangent. Without differentiation (evaluation) only the loss is computed.
 
 Losses are returned as sums with their token counts, so gradient accumulation and data-parallel
 shards combine exactly (token-weighted), whatever the number of trained tokens per micro-batch.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,20 +35,64 @@ def chunked_nll_sum(hidden, head, targets, mask, chunk: int, dtype=jnp.float32):
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
     n = (T + pad) // chunk
     hs = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)  # [n, B, c, D]
-    ts = targets.reshape(B, n, chunk).swapaxes(0, 1)
+    ts = targets.reshape(B, n, chunk).swapaxes(0, 1).astype(jnp.int32)
     ms = mask.reshape(B, n, chunk).swapaxes(0, 1).astype(jnp.float32)
-    head = head.astype(dtype)
+    return _nll_sum(jnp.dtype(dtype), hs, head, ts, ms)
 
-    @jax.checkpoint
+
+def _logits(h, head, dtype):
+    return jnp.einsum("BcD,DV->BcV", h.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _chunk_nll(logits, t):
+    """Per-token -log p(target) [B, c] and the log-partition [B, c] of fp32 logits [B, c, V]."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    return lse - tgt, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _nll_sum(dtype, hs, head, ts, ms):
     def body(total, xs):
         h, t, m = xs
-        logits = jnp.einsum("BcD,DV->BcV", h.astype(dtype), head, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        return total + jnp.sum((lse - tgt) * m), None
+        nll, _ = _chunk_nll(_logits(h, head, dtype), t)
+        return total + jnp.sum(nll * m), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
     return total
+
+
+def _nll_sum_fwd(dtype, hs, head, ts, ms):
+    head_c = head.astype(dtype)
+
+    def body(carry, xs):
+        total, dhead = carry
+        h, t, m = xs
+        h_c = h.astype(dtype)
+        logits = _logits(h_c, head_c, dtype)
+        nll, lse = _chunk_nll(logits, t)
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
+        # As the autodiff of the fp32-accumulated logits: the gradient matmuls run in fp32 whatever
+        # the compute dtype (no-op casts in fp32); dh is rounded to the compute dtype after scaling.
+        dlogits = (jnp.exp(logits - lse[..., None]) - onehot) * m[..., None]
+        dh = jnp.einsum("BcV,DV->BcD", dlogits, head_c.astype(jnp.float32))
+        dhead = dhead + jnp.einsum("BcD,BcV->DV", h_c.astype(jnp.float32), dlogits)
+        return (total + jnp.sum(nll * m), dhead), (dh, nll)
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
+    (total, dhead), (dhs, nlls) = jax.lax.scan(body, init, (hs, ts, ms))
+    return total, (dhs, dhead, nlls, jnp.zeros((0,), hs.dtype), jnp.zeros((0,), head.dtype))
+
+
+def _nll_sum_bwd(dtype, res, g):
+    dhs, dhead, nlls, h_like, head_like = res  # the *_like carry the input dtypes
+    dhs = (g * dhs).astype(dtype).astype(h_like.dtype)
+    dhead = (g * dhead).astype(dtype).astype(head_like.dtype)
+    # d total / d mask = nll (the mask is data, but its cotangent is cheap and exact)
+    return dhs, dhead, None, g * nlls
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
 def token_count(mask):

@@ -28,6 +28,7 @@ is permuted to it on import (checkpoint/layout.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -37,6 +38,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from nemo_jax.config import ModelConfig
+from nemo_jax.sharding import constrain
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -162,7 +164,13 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        """-> (out [B, T, D], updated cache or None).
+
+        With `cache` ({k, v: [B, S, K, H]}), this call's keys and values are written at slots
+        cache_index .. cache_index + T - 1 and the queries attend over all S slots (`mask` [B, 1, T, S]
+        says which); keys are cached after rope, so old slots never need their positions again.
+        """
         D = x.shape[-1]
         N, K, H = self.n_heads, self.n_kv_heads, self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
@@ -170,11 +178,48 @@ class Attention(nn.Module):
         k = Linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), lora=_lora_for(self.lora, "k"), name="k", **kw)(x)
         v = Linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), lora=_lora_for(self.lora, "v"), name="v", **kw)(x)
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
-        # GQA natively (N a multiple of K). The XLA path runs on CPU/TPU; on GPU the auto choice uses
-        # cuDNN flash attention where the shapes allow, and the explicit mask carries the segment ids.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
+        if cache is None:
+            # GQA natively (N a multiple of K). The XLA path runs on CPU/TPU; on GPU the auto choice uses
+            # cuDNN flash attention where the shapes allow, and the explicit mask carries the segment ids.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
+        else:
+            at = (0, 0, cache_index, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.swapaxes(1, 2).astype(cache["k"].dtype), at),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.swapaxes(1, 2).astype(cache["v"].dtype), at)}
+            out = cached_attention(q, cache["k"].astype(self.dtype), cache["v"].astype(self.dtype), mask)
         out = checkpoint_name(out, "attention_out")
-        return Linear((N, H), (D,), ("heads", "head_dim", "embed"), lora=_lora_for(self.lora, "o"), name="o", **kw)(out)
+        out = Linear((N, H), (D,), ("heads", "head_dim", "embed"), lora=_lora_for(self.lora, "o"), name="o", **kw)(out)
+        return out, cache
+
+
+def cached_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(H)) v over a KV cache. q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, 1, T, S].
+
+    The cache keeps B and K leading so both matmuls batch over them as they lie: no per-step
+    transpose of the whole cache (which jax.nn.dot_product_attention's [B, S, K, H] would need).
+    """
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    q = q.reshape(B, T, K, N // K, H)
+    s = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * H ** -0.5
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BKSH->BTKGH", p, v).reshape(B, T, N, H)
+
+
+def cache_mask(valid, start, T: int):
+    """Decoding mask over a KV cache. valid: bool [B, S] (slot holds a real token), start: first
+    slot of this call's T queries -> bool [B, 1, T, S].
+
+    Each row writes its slots in time order, so "key position <= query position" is "key slot <=
+    query slot"; padding slots (left padding, or gaps) are never attended. A query always sees its
+    own slot, so a padding query's row is not fully masked (no NaN softmax).
+    """
+    S = valid.shape[-1]
+    q_slot = start + jnp.arange(T)[:, None]  # [T, 1]
+    k_slot = jnp.arange(S)[None, :]  # [1, S]
+    mask = (k_slot <= q_slot)[None] & (valid[:, None, :] | (k_slot == q_slot)[None])
+    return mask[:, None]
 
 
 class Mlp(nn.Module):
@@ -200,15 +245,17 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
         c = self.config
         dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))  # the residual stream, at every block boundary
         h = RMSNorm(c.norm_eps, dt, pdt, name="attention_norm")(x)
-        x = x + Attention(c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta, dt, pdt, self.lora,
-                          self.deterministic, name="attention")(h, positions, mask)
+        h, cache = Attention(c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta, dt, pdt, self.lora,
+                             self.deterministic, name="attention")(h, positions, mask, cache, cache_index)
+        x = x + h
         h = RMSNorm(c.norm_eps, dt, pdt, name="ffn_norm")(x)
         x = x + Mlp(c.hidden_dim, dt, pdt, self.lora, self.deterministic, name="mlp")(h)
-        return x, None
+        return x, cache  # scan carries x; this layer's cache (None in training) is stacked as ys
 
 
 class Transformer(nn.Module):
@@ -218,37 +265,61 @@ class Transformer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+    def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False,
+                 cache: dict | None = None, cache_index=None):
+        """logits [B, T, V] (or (hidden, lm head) with return_hidden) for tokens [B, T].
+
+        Training/scoring: no cache; segment_ids [B, T] keep packed documents apart (0 = padding).
+        Decoding: `cache` from `init_cache` ({k, v: [L, B, S, K, H], valid: [B, S]}) and
+        `cache_index`, the slot of tokens[:, 0]; segment_ids then only say which tokens are real
+        (0 = padding, never attended). Returns (output, updated cache).
+        """
         c = self.config
         dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
         B, T = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            positions = jnp.arange(T, dtype=jnp.int32)
+            if cache is not None:
+                positions = cache_index + positions
+            positions = jnp.broadcast_to(positions, (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         embedding = self.param_in("embed", "embedding", (c.vocab_size, c.dim), ("vocab", "embed"),
                                   nn.initializers.normal(1.0), pdt)
         x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [B, T, D]
-        mask = attention_mask(segment_ids)
 
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, _ = nn.scan(
+        scan = functools.partial(
+            nn.scan,
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.lora, self.deterministic, name="layers")(x, positions, mask)
+        )
+        if cache is None:
+            mask = attention_mask(segment_ids)
+            x, _ = scan(in_axes=(nn.broadcast, nn.broadcast))(
+                c, self.lora, self.deterministic, name="layers")(x, positions, mask)
+        else:
+            # Each layer's [B, S, K, H] slice of the stacked cache goes in as scan xs, comes back as ys.
+            valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0, (0, cache_index))
+            mask = cache_mask(valid, cache_index, T)
+            x, layers = scan(in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))(
+                c, self.lora, self.deterministic, name="layers")(
+                    x, positions, mask, {"k": cache["k"], "v": cache["v"]}, cache_index)
+            cache = {**layers, "valid": valid}
 
         x = RMSNorm(c.norm_eps, dt, pdt, name="final_norm")(x)
         head = self.param_in("lm_head", "kernel", (c.dim, c.vocab_size), ("embed", "vocab"),
                              nn.initializers.normal(c.dim ** -0.5), pdt)
         if return_hidden:
-            return x, head
-        return jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+            out = (x, head)
+        else:
+            out = jnp.einsum("BTD,DV->BTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+        return out if cache is None else (out, cache)
 
     def param_in(self, scope: str, name: str, shape, axes, init, dtype):
         """A parameter under a named sub-scope (`embed/embedding`) without a wrapper module."""
@@ -308,12 +379,26 @@ def count_params(tree) -> int:
 
 def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, *,
             lora_params: dict | None = None, lora: LoraSpec | None = None, return_hidden=False,
-            rngs=None, deterministic=True, remat: str = "none"):
+            rngs=None, deterministic=True, remat: str = "none", cache: dict | None = None, cache_index=None):
+    """The model's output; with a `cache` (see `init_cache`), (output, updated cache)."""
     model = make_model(config, lora if lora_params is not None else None, remat, deterministic)
     variables = {"params": params}
     if lora_params is not None:
         variables["lora"] = lora_params
-    return model.apply(variables, tokens, positions, segment_ids, return_hidden=return_hidden, rngs=rngs)
+    return model.apply(variables, tokens, positions, segment_ids, return_hidden=return_hidden, rngs=rngs,
+                       cache=cache, cache_index=cache_index)
+
+
+def init_cache(config: ModelConfig, batch_size: int, length: int, dtype=None) -> dict:
+    """An empty KV cache of `length` slots per row: {k, v: [L, B, S, K, H], valid: bool [B, S]}.
+
+    A plain pytree threaded through `forward(..., cache=, cache_index=)`: the stacked k/v are the
+    scanned layers' xs and come back as their ys. Keys are stored after rope, in the compute dtype.
+    """
+    shape = (config.n_layers, batch_size, config.n_kv_heads, length, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch_size, length), bool)}
 
 
 def logits(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, *,

@@ -19,9 +19,10 @@ from nemo_jax import lora as lora_lib
 from nemo_jax import model as M
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
-from nemo_jax.config import ModelConfig, preset
+from nemo_jax.config import ModelConfig
 from nemo_jax.errors import UserError
 from nemo_jax.distributed import is_main_process
+from nemo_jax.plan import model_config_for
 from nemo_jax.metrics import MetricsWriter, NullWriter, plot_losses
 from nemo_jax.run_config import eval_split_name
 
@@ -31,17 +32,6 @@ def lora_spec(cfg) -> M.LoraSpec | None:
         return None
     return M.LoraSpec(rank=cfg.lora.rank, alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
                       targets=tuple(cfg.lora.targets))
-
-
-def load_base(cfg) -> tuple[ModelConfig, dict | None]:
-    """The model config and base params (None when training from scratch: they are initialised later)."""
-    if cfg.model.checkpoint:
-        from nemo_jax.checkpoint import load
-
-        config, params = load(cfg.model.checkpoint, dtype=cfg.model.param_dtype)
-    else:
-        config, params = preset(cfg.model.preset), None
-    return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype), params
 
 
 def tokenizer_for(config: ModelConfig, path: str | None):
@@ -180,10 +170,15 @@ def train(cfg) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
-    config, base = load_base(cfg)
+    config = model_config_for(cfg)
     check_run_config(cfg, config)
     tokenizer = tokenizer_for(config, cfg.data.tokenizer)
     layout = make_layout(cfg, config, mesh)
+    base = None
+    if cfg.model.checkpoint:  # read straight into the target shardings: no full replica anywhere
+        from nemo_jax.checkpoint import restore
+
+        _, base = restore(cfg.model.checkpoint, layout.param_sh, dtype=cfg.model.param_dtype)
     spec_lora, state_sh, batch_sh = layout.lora, layout.state_sh, layout.batch_sh
     state, frozen = init_arrays(layout, tc.seed, base)
     del base

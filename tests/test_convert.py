@@ -81,6 +81,16 @@ def test_round_trip_is_bit_exact(sources, tmp_path, src):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left behind
 
 
+@pytest.mark.parametrize("block_bytes", [1, 40 * 64 * 4])  # one row-unit per block; blocks that do not divide
+def test_conversion_in_small_blocks(sources, tmp_path, monkeypatch, block_bytes):
+    want = {src: checkpoint.load(sources[src])[1] for src in ("hf32", "mistral32")}
+    monkeypatch.setattr(layout, "BLOCK_BYTES", block_bytes)
+    for src in ("hf32", "mistral32"):
+        jax.tree.map(np.testing.assert_array_equal, checkpoint.load(sources[src])[1], want[src])
+        cli("export", sources["hf32"], tmp_path / src, "--format", src[:-2])
+        assert_bit_exact(sources[src], tmp_path / src)
+
+
 def test_transformers_loads_the_hf_export(sources, tmp_path):
     cli("import", sources["mistral32"], tmp_path / "ckpt")  # Mistral in, HF out: the rope permutation too
     cli("export", tmp_path / "ckpt", tmp_path / "hf", "--format", "hf", "--max-shard-size", "60KB")
@@ -128,6 +138,13 @@ def test_dtype_conversion(sources, tmp_path):
     back = tensors(tmp_path / "hf")
     for name, x in tensors(sources["hf32"]).items():  # bf16 -> fp32 is exact: the rounding is all there is
         np.testing.assert_array_equal(back[name], x.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_in_memory_params_export_like_the_checkpoint(sources, tmp_path):
+    config, params = checkpoint.load(sources["mistral16"])
+    source = checkpoint.ParamsSource(config, params, tmp_path / "run")
+    checkpoint.export_checkpoint(source, tmp_path / "out", "mistral")
+    assert_bit_exact(sources["mistral16"], tmp_path / "out")
 
 
 def test_save_orbax_and_logits(sources, tmp_path):

@@ -66,18 +66,29 @@ def test_resume_is_exact(tmp_path):
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
 
 
-def test_lora_run_and_eval_cli(tmp_path):
-    base = tmp_path / "base"
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    base = tmp / "base"
     run_train(cfg_for(base, "train.steps=2"))
-    lora_dir = tmp_path / "lora"
-    cfg = load_config(ROOT / "configs/tiny.yaml", [
+    lora_dir = tmp / "lora"
+    run_train(load_config(ROOT / "configs/tiny.yaml", [
         f"output_dir={lora_dir}", f"data.train=[{ROOT / TRAIN}]", "checkpoint.async_save=false",
         "model.preset=null", f"model.checkpoint={base}", "lora.enabled=true", "lora.rank=4",
-        "train.steps=3", "train.lr=1e-2"])
-    run_train(cfg)
-    # only adapters + optimizer state are saved: far smaller than the base run's checkpoint
+        "train.steps=3", "train.lr=1e-2"]))
+    return base, lora_dir
+
+
+def test_lora_run_saves_only_adapters(lora_run):
+    base, lora_dir = lora_run
     size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
     assert size(lora_dir / "checkpoints") < size(base / "checkpoints") / 3
+    info = json.loads((lora_dir / "run.json").read_text())
+    assert info["lora"]["rank"] == 4 and info["base"]["checkpoint"] == str(base.absolute())
+
+
+def test_eval_cli_on_a_lora_run(lora_run, tmp_path):
+    _, lora_dir = lora_run
     out = tmp_path / "m.json"
     r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(lora_dir), "--data", str(ROOT / EVAL),
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
@@ -85,6 +96,35 @@ def test_lora_run_and_eval_cli(tmp_path):
     m = json.loads(out.read_text())["tiny_eval"]
     assert m["tokens"] > 0 and np.isclose(m["perplexity"], np.exp(m["loss"]))
     assert "tiny_eval" in r.stdout
+
+
+def test_export_lora_run_merged_and_peft(lora_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import nemo_jax
+
+    base, lora_dir = lora_run
+    for fmt, src in (("hf", lora_dir), ("peft", lora_dir), ("hf", base)):
+        r = subprocess.run([sys.executable, "-m", "nemo_jax.convert", "export", str(src), str(tmp_path / f"{fmt}-{src.name}"),
+                            "--format", fmt], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    tokens = np.random.default_rng(0).integers(0, 1280, size=(2, 24))
+    config, merged = nemo_jax.load(lora_dir)
+    ours = np.asarray(nemo_jax.logits(config, merged, tokens))
+    with torch.no_grad():
+        hf_merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-lora", dtype=torch.float32)
+        np.testing.assert_allclose(hf_merged(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+        hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base", dtype=torch.float32)
+        peft = PeftModel.from_pretrained(hf_base, tmp_path / "peft-lora").eval()
+        np.testing.assert_allclose(peft(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+    # the adapters moved away from zero, so the merged model is not the base
+    _, base_params = nemo_jax.load(base)
+    assert np.abs(ours - np.asarray(nemo_jax.logits(config, base_params, tokens))).max() > 1e-3
+    r = subprocess.run([sys.executable, "-m", "nemo_jax.convert", "export", str(base), str(tmp_path / "x"),
+                        "--format", "peft"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs a LoRA training run" in r.stderr
 
 
 def test_sigint_saves_and_resumes(tmp_path):

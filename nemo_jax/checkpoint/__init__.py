@@ -16,8 +16,9 @@ Everything streams: a conversion holds one stacked tensor (plus one layer) in me
 model (sources.py reads leaf by leaf, export.py writes tensor by tensor).
 
 Extension points: `resolve_checkpoint` (orbax_io.py) maps any path that is not an HF/Mistral
-directory to a `Source`, so a training run directory can be made loadable and exportable there;
-`EXPORTERS` (export.py) maps `--format` names to writer functions.
+directory to a `Source`, so a training run directory can be made loadable and exportable there
+(`ParamsSource` wraps weights already in memory); `EXPORTERS` (export.py) maps `--format` names
+to writer functions.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from nemo_jax.checkpoint.export import EXPORTERS, ExportOptions, export_checkpoi
 from nemo_jax.checkpoint.orbax_io import (OrbaxSource, StreamingWriter, import_checkpoint, is_checkpoint,
                                           resolve_checkpoint, save_orbax)
 from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, HF_SINGLE, MISTRAL_FILE, MISTRAL_PARAMS,
-                                         SafetensorsSource, Source)
+                                         ParamsSource, SafetensorsSource, Source)
 from nemo_jax.config import ModelConfig
 from nemo_jax.errors import UserError
 
@@ -39,7 +40,7 @@ FORMATS = ("nemo_jax", "hf", "mistral")
 
 __all__ = ["load", "load_abstract", "restore", "save_orbax", "open_checkpoint", "detect_format",
            "resolve_checkpoint", "import_checkpoint", "export_checkpoint", "ExportOptions", "EXPORTERS",
-           "Source", "OrbaxSource", "SafetensorsSource", "StreamingWriter", "FORMATS"]
+           "Source", "OrbaxSource", "SafetensorsSource", "ParamsSource", "StreamingWriter", "FORMATS"]
 
 
 def detect_format(path: Path) -> str:

@@ -71,7 +71,13 @@ def export_mistral(source: Source, out: Path, opts: ExportOptions) -> None:
     (out / MISTRAL_PARAMS).write_text(json.dumps(to_params_json(config), indent=2) + "\n")
 
 
-EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "mistral": export_mistral}
+def _export_peft(source: Source, out: Path, opts: ExportOptions) -> None:
+    from nemo_jax.checkpoint.runs import export_peft
+
+    export_peft(source, out, opts)
+
+
+EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "mistral": export_mistral, "peft": _export_peft}
 
 
 def export_checkpoint(source: Source, out: Path, fmt: str, opts: ExportOptions = ExportOptions(),
@@ -87,19 +93,18 @@ def _write_safetensors(source: Source, config: ModelConfig, fmt: str, files: lis
     """Write `files` (consecutive runs of the leaf-ordered tensor list); returns the tensor bytes."""
     dt = np_dtype(config.param_dtype)
     total = sum(math.prod(layout.source_shape(leaf, config)) * dt.itemsize for _, ts in files for leaf, _, _ in ts)
-    current, value, stored, temp = None, None, Scratch(), Scratch()
+    current, value, x, scratch = None, None, None, Scratch()
     with progress_bar(total, progress, "export") as bar:
         for path, tensors in files:
             entries = [(name, dt, layout.source_shape(leaf, config)) for leaf, _, name in tensors]
             with Writer(path, entries, metadata={"format": "pt"}) as w:
                 for leaf, i, name in tensors:
                     if leaf is not current:
-                        current, value = leaf, None  # drop the previous leaf before reading the next
+                        current, value, x = leaf, None, None  # drop the previous leaf before reading the next
                         bar.set_postfix_str(leaf.key())
                         value = source.read_leaf(leaf, config.param_dtype)
-                    x = layout.from_ours(leaf, fmt, value[i] if leaf.stacked else value, config,
-                                         out=stored.get(layout.source_shape(leaf, config), dt), scratch=temp)
-                    w.write(name, x)
+                    x = value[i] if leaf.stacked else value
+                    w.write(name, layout.from_ours(leaf, fmt, x, config, scratch))
                     bar.update(x.nbytes)
     return total
 

@@ -14,7 +14,8 @@ checkpoints; the layers are stacked on a leading L axis here. Three things diffe
    with n = N for wq and K for wk, and `unpermute` on export. These are pure index shuffles, so a
    round trip is bit-exact in the same dtype.
 
-Everything here is numpy on one layer's tensor; the I/O lives in sources.py and export.py.
+Everything here is numpy on one layer's tensor, converted in blocks of rows so that temporaries
+stay small; the I/O lives in sources.py and export.py.
 """
 
 from __future__ import annotations
@@ -173,9 +174,12 @@ def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, scratch: Scra
 
 
 def _rope_rows(w: np.ndarray, n: int, scratch: Scratch, to_hf: bool) -> np.ndarray:
-    """`permute` (to_hf) or `unpermute` of n whole heads' rows, into a scratch buffer."""
+    """`permute` (to_hf) or `unpermute` of n whole heads' rows, written straight into a scratch buffer."""
+    rows, cols = w.shape
     out = scratch.get(w.shape, w.dtype, "rope")
-    out[...] = permute(w, n) if to_hf else unpermute(w, n)
+    interleaved, halves = (n, rows // n // 2, 2, cols), (n, 2, rows // n // 2, cols)
+    src, dst = (interleaved, halves) if to_hf else (halves, interleaved)
+    out.reshape(dst)[...] = w.reshape(src).transpose(0, 2, 1, 3)
     return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -84,16 +85,20 @@ def resolve_checkpoint(path: Path) -> Source:
 
     The one place that maps a user's path that is not an HF/Mistral directory to weights: today a
     model checkpoint directory; the training code extends it so that a run directory gives its
-    newest checkpoint (a Source subclass over the training state).
+    newest checkpoint (e.g. a `ParamsSource` over its weights with LoRA merged).
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: not found")
     if is_checkpoint(path):
         return OrbaxSource(path)
+    from nemo_jax.checkpoint.runs import RunSource, is_run_dir
+
+    if is_run_dir(path):
+        return RunSource(path)
     raise UserError(f"{path}: not a checkpoint (expected a nemo_jax checkpoint with {CONFIG_FILE} and "
                     f"{PARAMS_DIR}/, an HF directory with config.json and model.safetensors[.index.json], "
-                    f"or a Mistral directory with params.json and consolidated.safetensors)")
+                    f"a Mistral directory with params.json and consolidated.safetensors, or a training run directory with run.json)")
 
 
 def write_config(out: Path, config: ModelConfig) -> None:
@@ -138,8 +143,10 @@ def import_checkpoint(source: Source, out: Path, dtype: str | None = None, force
     """Convert any source to a nemo_jax checkpoint at `out`, one stacked leaf in memory at a time."""
     config = source.config_for(dtype)
     dt = np_dtype(config.param_dtype)
-    total = sum(int(np.prod(layout.stacked_shape(leaf, config))) * dt.itemsize for leaf in layout.LEAVES)
-    buffer = Scratch()  # one leaf at a time, always in the same memory
+    sizes = [math.prod(layout.stacked_shape(leaf, config)) * dt.itemsize for leaf in layout.LEAVES]
+    buffer = Scratch()  # one leaf at a time, always in the same memory: sized for the largest up front
+    buffer.get((max(sizes),), np.uint8)
+    total = sum(sizes)
     with staged_output(Path(out), force, protect=(source.path,)) as tmp, \
             progress_bar(total, progress, "import") as bar:
         writer = StreamingWriter(tmp, config)

@@ -118,9 +118,10 @@ class SafetensorsFile:
         e = self.entries[name]
         shape, offset, nbytes = e.shape, self.data_start + e.begin, e.nbytes
         if rows is not None:
+            r0, r1 = rows
             row_bytes = e.nbytes // e.shape[0] if e.shape[0] else 0
-            shape, offset, nbytes = (rows[1] - rows[0],) + e.shape[1:], offset + rows[0] * row_bytes, \
-                (rows[1] - rows[0]) * row_bytes
+            shape = (r1 - r0,) + e.shape[1:]
+            offset, nbytes = offset + r0 * row_bytes, (r1 - r0) * row_bytes
         if out is None:
             out = np.empty(shape, e.dtype)
         assert out.shape == shape and out.dtype == e.dtype and out.flags.c_contiguous, (out.shape, shape)

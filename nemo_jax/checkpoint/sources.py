@@ -117,7 +117,7 @@ class SafetensorsSource(Source):
 
     def __init__(self, path: Path, fmt: str):
         self.path, self.format = Path(path), fmt
-        self._stored, self._temp = Scratch(), Scratch()  # one layer as stored; the transpose's temporary
+        self._scratch = Scratch()  # blocks of a layer as stored, and the transposes' temporaries
         self.description = f"{self.path} ({'HF' if fmt == 'hf' else 'Mistral'} safetensors)"
         if fmt == "hf":
             config = from_hf_config(read_json(self.path / HF_CONFIG), source=str(self.path / HF_CONFIG))
@@ -188,9 +188,36 @@ class SafetensorsSource(Source):
     def _read_into(self, leaf: layout.Leaf, layer: int | None, out: np.ndarray) -> None:
         name = leaf.name(self.format, layer)
         f = self.files[name]
-        if leaf.n_in == 0 and f.entries[name].dtype == out.dtype:
+        e = f.entries[name]
+        if leaf.n_in == 0 and e.dtype == out.dtype:
             f.read(name, out=out)  # straight into place, no temporary
-        else:
-            e = f.entries[name]
-            w = f.read(name, out=self._stored.get(e.shape, e.dtype))
-            layout.to_ours(leaf, self.format, w, self.config, out, self._temp)
+            return
+
+        def read_rows(r0: int, r1: int) -> np.ndarray:
+            return f.read(name, out=self._scratch.get((r1 - r0,) + e.shape[1:], e.dtype, "read"), rows=(r0, r1))
+
+        layout.to_ours(leaf, self.format, read_rows, self.config, out, self._scratch)
+
+
+class ParamsSource(Source):
+    """A param tree already in memory as a Source (e.g. a training run's weights, LoRA merged), so
+    that everything which reads checkpoints (load, restore, import, export) accepts it too."""
+
+    format = "nemo_jax"
+
+    def __init__(self, config: ModelConfig, params: dict, path: Path, description: str | None = None):
+        self.config, self.params, self.path = config, params, Path(path)
+        self.stored_dtype = config.param_dtype
+        self.description = description or f"{self.path} (in memory)"
+
+    def read_leaf(self, leaf, dtype, layers=None, on_bytes=None, out=None) -> np.ndarray:
+        value = np.asarray(layout.get_path(self.params, leaf.path))  # gathers a sharded array to this host
+        if leaf.stacked and layers is not None:
+            value = value[layers]
+        value = value.astype(np_dtype(dtype), copy=False)
+        if on_bytes:
+            on_bytes(value.nbytes)
+        if out is None:
+            return value
+        np.copyto(out, value)
+        return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 
 def save_random_hf(path: Path, *, seed: int = 0, dtype=torch.float32, max_shard_size: str | None = None,
@@ -41,7 +41,8 @@ def save_random_hf(path: Path, *, seed: int = 0, dtype=torch.float32, max_shard_
 
 def hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
     """float32 logits [B, T, V] of the checkpoint at `path` for int tokens [B, T]."""
-    model = MistralForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    assert isinstance(model, MistralForCausalLM)
     model.eval()
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
