@@ -30,9 +30,9 @@ def run(*args):
 def main():
     t0 = time.time()
     run("train.py", "--config", "configs/demo_pretrain.yaml")
-    run("eval.py", "--checkpoint", str(OUT / "pretrain"), "--data", *EVAL, "--out", str(OUT / "eval_before.json"))
+    run("eval.py", "--checkpoint", str(OUT / "pretrain"), "--data", *EVAL, "--seq-len", "384", "--out", str(OUT / "eval_before.json"))
     run("train.py", "--config", "configs/demo_lora.yaml")
-    run("eval.py", "--checkpoint", str(OUT / "lora"), "--data", *EVAL, "--out", str(OUT / "eval_after.json"))
+    run("eval.py", "--checkpoint", str(OUT / "lora"), "--data", *EVAL, "--seq-len", "384", "--out", str(OUT / "eval_after.json"))
     run("-m", "nemo_jax.convert", "export", str(OUT / "lora"), str(OUT / "export_peft"), "--format", "peft", "--force")
     run("-m", "nemo_jax.convert", "export", str(OUT / "lora"), str(OUT / "export_hf"), "--format", "hf", "--force")
 
