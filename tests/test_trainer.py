@@ -173,3 +173,36 @@ def test_bad_data_and_checkpoint_cli(tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(tmp_path / "nope"), "--data", EVAL],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "nope" in r.stderr
+
+
+def test_eval_on_hf_dir_equals_transformers(tmp_path):
+    """eval.py's token-weighted NLL on an HF directory = the same tokens scored by transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nemo_jax.tokenizer import load_tokenizer
+    from tests.reference.hf_mistral import save_random_hf
+
+    hf_dir = save_random_hf(tmp_path / "hf", vocab_size=1280)
+    data = tmp_path / "held.jsonl"
+    texts = ["Weather in Oslo: cold, -3 degrees.", "Ciudad de México: soleado, 24 grados. Mañana: lluvia.",
+             "東京の天気：晴れ、18度。"]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(hf_dir), "--data", str(data), "--out", str(out),
+                        "--seq-len", "64", "--batch-size", "2", "--dtype", "float32"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ours = json.loads(out.read_text())["held"]
+
+    tok = load_tokenizer(vocab_size=1280)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok.encode(t, bos=True, eos=True)])
+            logits = model(ids).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    assert ours["tokens"] == count
+    assert ours["loss"] == pytest.approx(total / count, rel=1e-5)
