@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from nemo_jax.attention import attention
 from nemo_jax.config import ModelConfig
 from nemo_jax.sharding import constrain
 
@@ -152,17 +153,6 @@ def rope(x, positions, theta: float):
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention_mask(segment_ids):
-    """Causal mask restricted to one document. segment_ids: [B, T] -> bool [B, 1, T, S].
-
-    Padding (segment 0) attends only to padding, so no row is fully masked (no NaN softmax).
-    """
-    T = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same_doc)[:, None]
-
-
 def _lora_for(lora: LoraSpec | None, target: str) -> LoraSpec | None:
     return lora if lora is not None and lora.rank > 0 and target in lora.targets else None
 
@@ -194,9 +184,9 @@ class Attention(nn.Module):
         v = Linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), lora=_lora_for(self.lora, "v"), name="v", **kw)(x)
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         if cache is None:
-            # GQA natively (N a multiple of K). The XLA path runs on CPU/TPU; on GPU the auto choice uses
-            # cuDNN flash attention where the shapes allow, and the explicit mask carries the segment ids.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
+            # `mask` is the segment ids here. attention.py picks the kernel: dense XLA for short rows,
+            # cuDNN on GPU (segments as a bias), else blockwise flash attention; all honour segments.
+            out = attention(q, k, v, mask)  # [B, T, N, H]
         else:
             cached_valid, new_mask = mask
             out = cached_attention(q, k, v, cache["k"].astype(self.dtype), cache["v"].astype(self.dtype),
@@ -328,9 +318,8 @@ class Transformer(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         if cache is None:
-            mask = attention_mask(segment_ids)
             x, _ = scan(in_axes=(nn.broadcast, nn.broadcast))(
-                c, self.lora, self.deterministic, name="layers")(x, positions, mask)
+                c, self.lora, self.deterministic, name="layers")(x, positions, segment_ids)
         else:
             # Each layer reads its [B, K, S, H] slice of the cache (scan xs) and returns its new keys and
             # values (ys, [L, B, K, T, H]), written here in one update. Slots from cache_index on are

@@ -21,12 +21,12 @@ from nemo_jax.errors import UserError
 
 AXES = ("data", "fsdp", "tensor", "sequence")
 
-# logical axis -> mesh axis. Parameters are sharded over fsdp on their `embed` dimension and over
+# logical axis -> mesh axis. Parameters are sharded over fsdp (and sequence) on their `embed` dimension and over
 # tensor on their head/FFN/vocab dimension; the stacked layer axis stays whole (scan slices it).
 RULES = {
     "batch": ("data", "fsdp"),
     "length": "sequence",
-    "embed": "fsdp",
+    "embed": ("fsdp", "sequence"),  # sequence-parallel devices hold the same weights: shard them too
     "vocab": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
