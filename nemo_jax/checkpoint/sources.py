@@ -16,6 +16,7 @@ with the right shapes (the error names the file and the tensor).
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +48,7 @@ def progress_bar(total: int, progress: bool | None, desc: str) -> tqdm:
                 disable=None if progress is None else not progress)
 
 
-class Source:
+class Source(abc.ABC):
     """Base class: subclasses set the attributes below and implement `read_leaf`."""
 
     path: Path  # the directory read
@@ -56,13 +57,13 @@ class Source:
     description: str  # for messages: the path and the format
     format: str  # "nemo_jax", "hf", "mistral"
 
+    @abc.abstractmethod
     def read_leaf(self, leaf: layout.Leaf, dtype: str, layers: slice | None = None,
                   on_bytes: Callable[[int], None] | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """The leaf (only `layers` of its L axis if given) in our layout as a `dtype` array.
 
         Written into `out` (which is returned) when given, else into a new array. `on_bytes(n)` is
         called as parts of it are ready (for progress bars)."""
-        raise NotImplementedError
 
     def abstract(self, dtype: str | None = None):
         """The param tree as ShapeDtypeStructs (no sharding), in `dtype` or the stored one."""
