@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/convert.py
 	$(BIN)/python benchmarks/tokenizer.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
