@@ -74,6 +74,13 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(results: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
 def main_eval(args) -> dict:
     from nemo_jax.trainer import tokenizer_for
 
@@ -96,8 +103,5 @@ def main_eval(args) -> dict:
     results = evaluate_files(config, params, lora_params, spec, args.data, tokenizer, seq_len, batch_size,
                              loss_chunk)
     print(format_table(results))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
     return results

@@ -244,7 +244,7 @@ def format_table(results: dict) -> str:
 
 def main_tool_eval(args) -> dict:
     """eval.py --task tool-calls."""
-    from nemo_jax.evaluate import _run_config, load_for_eval
+    from nemo_jax.evaluate import _run_config, load_for_eval, write_results
     from nemo_jax.trainer import tokenizer_for
 
     cfg = _run_config(args)
@@ -257,8 +257,5 @@ def main_tool_eval(args) -> dict:
     tokenizer = tokenizer_for(config, args.tokenizer or (cfg.data.tokenizer if cfg else None))
     results = evaluate_tool_calls(config, params, lora_params, spec, args.data, tokenizer, max_new, batch_size)
     print(format_table(results))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
     return results
