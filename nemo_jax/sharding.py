@@ -15,7 +15,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from nemo_jax.errors import UserError
 
@@ -60,7 +60,9 @@ def make_mesh(data=1, fsdp=1, tensor=1, sequence=1, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(data, fsdp, tensor, sequence, len(devices))
     arr = np.asarray(devices).reshape([shape[a] for a in AXES])
-    return Mesh(arr, AXES)
+    # Auto: XLA's partitioner propagates shardings between the constraints we set (params, batch,
+    # block boundaries) rather than requiring every intermediate to be typed.
+    return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def logical_to_spec(axes: tuple, mesh: Mesh, shape: tuple | None = None) -> P:

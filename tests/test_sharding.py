@@ -62,3 +62,17 @@ def test_kv_heads_replicated_when_tensor_does_not_divide():
     assert tuple(spec) == (None, None, None, None)
     spec = S.logical_to_spec(("layers", "embed", "heads", "head_dim"), FakeMesh, (40, 5120, 32, 128))
     assert tuple(spec) == (None, None, "tensor", None)
+
+
+def test_dry_run_plans_the_12b_full_finetune_on_8_devices():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/full.yaml", "--set", "model.checkpoint=null",
+                        "--set", "model.preset=mistral-nemo-12b", "--dry-run", "--device-memory", "80GB"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "parameters            12,247,782,400 (12,247,782,400 trainable)" in r.stdout
+    assert "fsdp=8" in r.stdout and "fits in 80.00 GiB per device" in r.stdout
+    # FSDP: fp32 weights + two Adam moments = 12 bytes/param, split 8 ways
+    args = float(r.stdout.split("arguments")[1].split("GiB")[0])
+    assert abs(args - 12_247_782_400 * 12 / 8 / 2**30) < 0.1
