@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -51,6 +52,9 @@ PRESETS = {
     "small": dict(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536),
     "demo": dict(vocab_size=8192, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=48, hidden_dim=384),
 }
+# One malloc arena, no mmap for big blocks, never trim: the allocator then reuses the same pages step
+# after step (glibc otherwise mmaps every block > 32 MiB afresh and page-faults all of it each step).
+MALLOC_TUNING = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 OPT = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 
 
@@ -94,11 +98,12 @@ def wait_idle(max_wait: float, window: float = 0.3, threshold: float = 0.1) -> f
 
 def timed(fn) -> dict:
     """Wall seconds of fn(), our own CPU-seconds, and the cores the rest of the machine used meanwhile."""
-    b, c, t = machine_busy_s(), time.process_time(), time.perf_counter()
+    f, b, c, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, machine_busy_s(), time.process_time(), time.perf_counter()
     fn()
     wall = time.perf_counter() - t
     own = time.process_time() - c
-    return {"s": wall, "cpu": own, "others": max(0.0, (machine_busy_s() - b - own) / wall)}
+    return {"s": wall, "cpu": own, "others": max(0.0, (machine_busy_s() - b - own) / wall),
+            "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f}
 
 
 def best_rate(run, flops: float, reps: int, tries: int = 3, wait: float = 0.0) -> float:
@@ -253,9 +258,10 @@ def torch_worker(args, cfg: dict, work: Path) -> None:
 
 
 class Worker:
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], env: dict | None = None):
         self.name = name
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
         self.info = self.read()
 
     def read(self) -> dict:
@@ -290,7 +296,8 @@ def summary(steps: list[dict], quiet: float) -> dict:
     return {"best": min(t), "median": statistics.median(t), "max": max(t), "iqr_pct": 100 * (qs[2] - qs[0]) / statistics.median(t),
             "quiet_median": statistics.median(q) if q else None, "quiet_n": len(q), "n": len(t),
             "others_median": statistics.median(x["others"] for x in steps),
-            "cpu_per_step": statistics.median(x["cpu"] for x in steps)}
+            "cpu_per_step": statistics.median(x["cpu"] for x in steps),
+            "page_faults_per_step": statistics.median(x["faults"] for x in steps)}
 
 
 def main() -> None:
@@ -311,6 +318,9 @@ def main() -> None:
                          "machine to go idle (0: don't)")
     ap.add_argument("--quiet", type=float, default=0.2,
                     help="a step is 'quiet' when the rest of the machine used fewer cores than this meanwhile")
+    ap.add_argument("--malloc-tuning", action="store_true",
+                    help=f"run both workers with GLIBC_TUNABLES={MALLOC_TUNING}: big buffers stay in the heap and "
+                         "are reused, instead of fresh mmaps that page-fault on every step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -338,8 +348,9 @@ def main() -> None:
         np.savez(work / "batch.npz", tokens=ids[:, :-1].astype(np.int32), targets=ids[:, 1:].astype(np.int32))
         base = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--work", str(work), "--worker"]
         t0 = time.perf_counter()
-        jw = Worker("jax", base + ["jax"])  # writes params.npz before torch reads it
-        tw = Worker("torch", base + ["torch"])
+        env = {"GLIBC_TUNABLES": MALLOC_TUNING} if args.malloc_tuning else None
+        jw = Worker("jax", base + ["jax"], env)  # writes params.npz before torch reads it
+        tw = Worker("torch", base + ["torch"], env)
         print(f"workers ready in {time.perf_counter() - t0:.0f}s (jax compile {jw.info['compile_s']:.1f}s); "
               f"first-step loss: nemo_jax {jw.info['first_loss']:.6f}, PyTorch {tw.info['first_loss']:.6f}",
               flush=True)
@@ -382,7 +393,7 @@ def main() -> None:
           f"(JAX {peak['jax'] / 1e9:.1f}, PyTorch {peak['torch'] / 1e9:.1f})")
     print()
     print(f"{'':26s}{'step s:':>8s}{'best':>7s}{'median':>8s}{'IQR%':>6s}{'quiet':>12s}"
-          f"{'tokens/s':>10s}{'GFLOP/s':>9s}{'MFU':>7s}{'MFU own':>8s}{'CPU-s':>7s}{'loss@1':>10s}{'loss@end':>10s}")
+          f"{'tokens/s':>10s}{'GFLOP/s':>9s}{'MFU':>7s}{'MFU own':>8s}{'CPU-s':>7s}{'faults':>8s}{'loss@1':>10s}{'loss@end':>10s}")
     label = {"jax": "nemo_jax (JAX/XLA)",
              "torch": f"HF+PyTorch ({args.torch_attn}{', compiled' if args.torch_compile else ''})"}
     for name in ("jax", "torch"):
@@ -396,7 +407,7 @@ def main() -> None:
                                    "version": info["version"]}
         quiet = f"{s['quiet_median']:.3f} ({s['quiet_n']}/{s['n']})" if s["quiet_n"] else f"- (0/{s['n']})"
         print(f"{label[name]:34s}{s['best']:7.3f}{s['median']:8.3f}{s['iqr_pct']:6.1f}{quiet:>12s}{tps:10.0f}"
-              f"{fl / 1e9:9.1f}{100 * fl / machine_peak:6.1f}%{100 * fl / peak[name]:7.1f}%{s['cpu_per_step']:7.2f}"
+              f"{fl / 1e9:9.1f}{100 * fl / machine_peak:6.1f}%{100 * fl / peak[name]:7.1f}%{s['cpu_per_step']:7.2f}{s['page_faults_per_step'] / 1000:7.0f}k"
               f"{info['first_loss']:10.5f}{final[name]['loss']:10.5f}")
     fj, ft = res["frameworks"]["jax"], res["frameworks"]["torch"]
     ratio, ratio_med = fj["tokens_per_s"] / ft["tokens_per_s"], ft["median"] / fj["median"]
@@ -406,7 +417,8 @@ def main() -> None:
     loss_gap = abs(fj["first_loss"] - ft["first_loss"]) / abs(ft["first_loss"])
     print()
     print("tokens/s and MFU from the best step; 'quiet': median step over the steps during which the rest of the "
-          f"machine used < {args.quiet} cores (count); CPU-s: median CPU-seconds per step (all threads)")
+          f"machine used < {args.quiet} cores (count); CPU-s: median CPU-seconds per step (all threads); "
+          "faults: median minor page faults per step")
     print(f"nemo_jax / PyTorch tokens/s: {ratio:.2f}x best, {ratio_med:.2f}x median"
           + (f", {ratio_q:.2f}x quiet median" if ratio_q else "") + f"   (goal >= 1.1x: {'met' if ratio >= 1.1 else 'NOT met'})")
     print(f"nemo_jax MFU vs machine peak: {100 * fj['mfu']:.1f}% best step, "
