@@ -65,9 +65,7 @@ def _nll_sum(dtype, hs, head, ts, ms):
 def _nll_sum_fwd(dtype, hs, head, ts, ms):
     head_c = head.astype(dtype)
 
-    def body(carry, xs):
-        total, dhead = carry
-        h, t, m = xs
+    def chunk(h, t, m):
         h_c = h.astype(dtype)
         logits = _logits(h_c, head_c, dtype)
         nll, lse = _chunk_nll(logits, t)
@@ -76,11 +74,21 @@ def _nll_sum_fwd(dtype, hs, head, ts, ms):
         # the compute dtype (no-op casts in fp32); dh is rounded to the compute dtype after scaling.
         dlogits = (jnp.exp(logits - lse[..., None]) - onehot) * m[..., None]
         dh = jnp.einsum("BcV,DV->BcD", dlogits, head_c.astype(jnp.float32))
-        dhead = dhead + jnp.einsum("BcD,BcV->DV", h_c.astype(jnp.float32), dlogits)
-        return (total + jnp.sum(nll * m), dhead), (dh, nll)
+        dhead = jnp.einsum("BcD,BcV->DV", h_c.astype(jnp.float32), dlogits)
+        return jnp.sum(nll * m), dhead, dh, nll
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
-    (total, dhead), (dhs, nlls) = jax.lax.scan(body, init, (hs, ts, ms))
+    # The first chunk outside the loop: its head gradient starts the fp32 sum (no zero-filled
+    # [D, V] accumulator), and a sequence that fits one chunk needs no loop at all.
+    total, dhead, dh, nll = chunk(hs[0], ts[0], ms[0])
+    dhs, nlls = dh[None], nll[None]
+    if hs.shape[0] > 1:
+        def body(carry, xs):
+            total, dhead = carry
+            t_c, dhead_c, dh, nll = chunk(*xs)
+            return (total + t_c, dhead + dhead_c), (dh, nll)
+
+        (total, dhead), (rest_dh, rest_nll) = jax.lax.scan(body, (total, dhead), (hs[1:], ts[1:], ms[1:]))
+        dhs, nlls = jnp.concatenate([dhs, rest_dh]), jnp.concatenate([nlls, rest_nll])
     return total, (dhs, dhead, nlls, jnp.zeros((0,), hs.dtype), jnp.zeros((0,), head.dtype))
 
 

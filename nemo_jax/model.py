@@ -85,18 +85,35 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x, w, n_in: int):
-    """x [..., *in] . w [*in, *out] -> [..., *out], with x's leading axes merged into one.
+    """x [..., *in] . w [*in, *out] -> [..., *out] (tensordot(x, w, n_in)) as one 2-D GEMM.
 
-    The same contraction as tensordot(x, w, n_in), but the weight gradient (x^T . dy) then sums over
-    a single token axis: XLA:CPU runs it as one GEMM with a transposed operand, where contracting
-    over [B, T] first writes the activations' gradients transposed through a strided loop fusion
-    (the slowest op of a CPU training step). The kernel is not reshaped, so the layer scan saves
-    no copy of it for the backward pass.
+    The backward pass is written out as the two 2-D GEMMs it is, dx = dy . W^T and dW = x^T . dy,
+    with x's leading axes merged into one token axis: autodiff of the N-D contraction makes XLA:CPU
+    first write the activations' gradients transposed through strided loop fusions (the slowest ops
+    of a CPU training step) and the multi-axis kernels (q, k, v, o) transposed. The kernel's own
+    shape is what the forward keeps for the backward (a reshaped copy would be saved per layer).
     """
-    lead = x.shape[:x.ndim - n_in]
-    y = jnp.tensordot(x.reshape((-1,) + x.shape[x.ndim - n_in:]), w, axes=n_in)
-    return y.reshape(lead + w.shape[n_in:])
+    lead, k = x.shape[:x.ndim - n_in], int(np.prod(w.shape[:n_in]))
+    return jnp.dot(x.reshape(-1, k), w.reshape(k, -1)).reshape(lead + w.shape[n_in:])
+
+
+def _matmul_fwd(x, w, n_in):
+    return _matmul(x, w, n_in), (x, w)
+
+
+def _matmul_bwd(n_in, res, dy):
+    x, w = res
+    k = int(np.prod(w.shape[:n_in]))
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+    dy2 = dy.reshape(x2.shape[0], -1)
+    dx = jax.lax.dot_general(dy2, w2, (((1,), (1,)), ((), ())), preferred_element_type=x.dtype)
+    dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())), preferred_element_type=w.dtype)
+    return dx.reshape(x.shape), dw.reshape(w.shape)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nn.Module):
