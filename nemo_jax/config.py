@@ -142,9 +142,8 @@ def from_hf_config(cfg: dict, source: str = "config.json") -> ModelConfig:
         theta = rope.get("rope_theta", theta)
     if theta is None:
         theta = 10000.0  # transformers' MistralConfig default
-    if "quantization_config" in cfg:
-        _refuse(source, "quantization_config", cfg["quantization_config"].get("quant_method"),
-                "quantised checkpoints are not supported yet")
+    # quantization_config (FP8 checkpoints) describes the stored tensors, not the model's maths: the
+    # safetensors reader checks and dequantises it (checkpoint/fp8_io.py).
     unknown = sorted(k for k in cfg if k not in _HF_IGNORED)
     if unknown:
         raise UserError(f"{source}: unknown field(s) {unknown}; refusing rather than ignoring what may change the model")

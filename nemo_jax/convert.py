@@ -1,7 +1,8 @@
 """Convert checkpoints between HF / Mistral safetensors and nemo_jax's orbax layout.
 
     python -m nemo_jax.convert import SRC OUT [--format hf|mistral] [--dtype bfloat16|float32] [--force]
-    python -m nemo_jax.convert export CKPT OUT --format hf|mistral [--dtype ...] [--max-shard-size 5GB] [--force]
+    python -m nemo_jax.convert export CKPT OUT --format hf|mistral|peft|hf-fp8 [--dtype ...] [--max-shard-size 5GB]
+                                   [--calibration-data FILE ...] [--force]
 
 `import` detects SRC's layout unless --format names it and writes a nemo_jax checkpoint. `export`
 reads any checkpoint (normally a nemo_jax one) and writes the layout --format names. Both stream one
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("out", type=Path)
     exp.add_argument("--format", required=True, choices=tuple(EXPORTERS), help="layout to write")
     exp.add_argument("--max-shard-size", default="5GB", help="largest HF shard (default 5GB)")
+    cal = exp.add_argument_group("hf-fp8 of a model trained without FP8 (post-training quantisation)")
+    cal.add_argument("--calibration-data", nargs="+", default=(), metavar="FILE",
+                     help="jsonl files whose activations set the static input scales")
+    cal.add_argument("--calibration-batches", type=int, default=8, help="batches to calibrate on (default 8)")
+    cal.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per row (default 512)")
+    cal.add_argument("--tokenizer", help="tekken.json for the calibration data (default: the shipped one)")
     for s in (imp, exp):
         s.add_argument("--dtype", choices=DTYPE_CHOICES, help="convert the weights (default: keep their dtype)")
         s.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
@@ -57,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         source = ckpt.open_checkpoint(args.ckpt)  # any layout; a nemo_jax path goes through resolve_checkpoint
         opts = ckpt.ExportOptions(dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
-                                  progress=progress)
+                                  progress=progress, calibration=tuple(args.calibration_data),
+                                  calibration_batches=args.calibration_batches,
+                                  calibration_seq_len=args.calibration_seq_len, tokenizer=args.tokenizer)
         ckpt.export_checkpoint(source, args.out, args.format, opts, args.force)
         what = f"{args.format} checkpoint ({source.config_for(args.dtype).param_dtype})"
     print(f"wrote {args.out}: {what} from {source.description} in {time.perf_counter() - start:.1f}s")

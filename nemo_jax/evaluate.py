@@ -48,14 +48,34 @@ def load_for_eval(path: str, dtype: str | None):
     return config, params, lora_params, spec
 
 
+def load_fp8_for_eval(path: str, params):
+    """(params, (Fp8Spec, state)) when `path` is a QAT run: evaluation then simulates the served
+    FP8 model (quantised inputs and weights, the trained scales; an FP8-stored base quantised as in
+    training); else (params, None)."""
+    from nemo_jax import fp8 as F8
+    from nemo_jax.trainer import fp8_eval_spec, load_run_fp8
+
+    if not (Path(path) / "run.json").exists():
+        return params, None
+    spec, state = load_run_fp8(path)
+    if spec is None:
+        return params, None
+    if spec.base_fp8:
+        params, state = F8.quantize_base(params, state, spec)
+    return params, (fp8_eval_spec(spec), state)
+
+
 def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len, batch_size,
-                   loss_chunk=1024) -> dict:
+                   loss_chunk=1024, fp8=None) -> dict:
+    """fp8: (Fp8Spec, state) for an FP8-simulated forward."""
     from nemo_jax.data import make_eval_batches
     from nemo_jax.trainer import evaluate
 
     mesh = S.make_mesh(devices=jax.devices()[:1])
-    step_spec = TL.StepSpec(config, spec, "none", 1, loss_chunk)
-    eval_fn = jax.jit(functools.partial(TL.eval_sums, step_spec))
+    fp8_spec, fp8_state = fp8 or (None, None)
+    step_spec = TL.StepSpec(config, spec, "none", 1, loss_chunk, fp8_spec)
+    eval_sums = jax.jit(functools.partial(TL.eval_sums, step_spec))
+    eval_fn = lambda p, lp, b: eval_sums(p, lp, b, fp8_state)
     results = {}
     for path in files:
         if not Path(path).exists():
@@ -97,11 +117,22 @@ def main_eval(args) -> dict:
     tok_path = args.tokenizer or (cfg.data.tokenizer if cfg else None)
     if seq_len < 2 or batch_size < 1:
         raise UserError("--seq-len must be ≥ 2 and --batch-size ≥ 1")
-    config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype)
+    from nemo_jax.checkpoint.fp8_io import is_fp8_checkpoint, load_fp8_export
+
+    if Path(args.checkpoint).is_dir() and is_fp8_checkpoint(args.checkpoint):
+        config, params, fp8_spec, fp8_state = load_fp8_export(args.checkpoint)
+        config = config.replace(dtype=dtype) if dtype else config
+        lora_params, spec, fp8 = None, None, (fp8_spec, fp8_state)
+    else:
+        config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype)
+        params, fp8 = load_fp8_for_eval(args.checkpoint, params)
+    if fp8 is not None:
+        print(f"{args.checkpoint}: FP8 model: evaluating the simulated FP8 forward "
+              f"({', '.join(fp8[0].targets)} in e4m3, static input scales)")
     tokenizer = tokenizer_for(config, tok_path)
     loss_chunk = cfg.train.loss_chunk if cfg else 1024
     results = evaluate_files(config, params, lora_params, spec, args.data, tokenizer, seq_len, batch_size,
-                             loss_chunk)
+                             loss_chunk, fp8)
     print(format_table(results))
     write_results(results, args.out)
     return results

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from nemo_jax import fp8 as F8
 from nemo_jax.attention import attention
 from nemo_jax.config import ModelConfig
 from nemo_jax.sharding import constrain
@@ -121,6 +122,11 @@ class Linear(nn.Module):
 
     With `lora` set, adds (alpha/r) * dropout(x) . A . B from the `lora` collection; B starts at zero
     so an untrained adapter leaves the base model exactly as it was.
+
+    With `fp8` set, the base matmul runs on fake-quantised e4m3 input and weight and its output
+    gradient is rounded to e5m2 (fp8.py); the adapter sees the same quantised input (what a served,
+    merged and quantised model sees) but stays in the compute dtype. `weight_amax` is the amax a
+    shared weight scale is taken from (q/k/v, gate/up); by default the kernel's own.
     """
 
     in_shape: tuple[int, ...]
@@ -130,9 +136,10 @@ class Linear(nn.Module):
     param_dtype: jnp.dtype
     lora: LoraSpec | None = None
     deterministic: bool = True
+    fp8: F8.Fp8Spec | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, weight_amax=None):
         n_in = len(self.in_shape)
         fan_in = int(np.prod(self.in_shape))
         kernel = self.param(
@@ -141,7 +148,7 @@ class Linear(nn.Module):
             self.in_shape + self.out_shape,
             self.param_dtype,
         )
-        y = _matmul(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+        ab = None
         if self.lora is not None:
             r = self.lora.rank
             in_axes, out_axes = self.axes[:n_in], self.axes[n_in:]
@@ -151,12 +158,67 @@ class Linear(nn.Module):
             b = self.variable("lora", "b", lambda: nn.with_logical_partitioning(
                 nn.initializers.zeros, ("lora_rank",) + out_axes)(
                     self.make_rng("params"), (r,) + self.out_shape, self.param_dtype))
-            h = x.astype(self.dtype)
+            ab = (nn.unbox(a.value), nn.unbox(b.value))
+        h = x.astype(self.dtype)
+        if self.fp8 is not None:
+            h, y = self._fp8_matmul(h, kernel, n_in, weight_amax)
+        else:
+            y = _matmul(h, kernel.astype(self.dtype), n_in)
+        if ab is not None:
             if self.lora.dropout > 0.0 and not self.deterministic:
                 h = nn.Dropout(self.lora.dropout)(h, deterministic=False)
-            h = _matmul(h, nn.unbox(a.value).astype(self.dtype), n_in)  # [..., R]
-            y = y + self.lora.scale * _matmul(h, nn.unbox(b.value).astype(self.dtype), 1)
+            h = _matmul(h, ab[0].astype(self.dtype), n_in)  # [..., R]
+            y = y + self.lora.scale * _matmul(h, ab[1].astype(self.dtype), 1)
         return y
+
+    def _fp8_matmul(self, h, kernel, n_in, weight_amax):
+        """(qdq(x), qdq(x) . qdq(W)): the base matmul as an FP8 GEMM computes it. An adapter adds its
+        branch on the quantised input in the compute dtype, as a served FP8 base with a LoRA
+        adapter on top (vLLM) computes it."""
+        spec = self.fp8
+        x_meta = self.variable("fp8", "x", F8.new_meta, spec.amax_history).value
+        h = F8.quantize_input(h, F8.input_scale(spec, h, x_meta), _probe(self, "x"))
+        w_scale = self.variable("fp8", "weight_scale", lambda: jnp.ones((), jnp.float32)).value \
+            if spec.base_fp8 else None
+        if kernel.dtype == F8.E4M3:  # an FP8-stored base: already quantised
+            w = F8.dequantize(kernel, w_scale, self.dtype)
+        else:
+            w = kernel
+            if weight_amax is None:
+                weight_amax = F8.amax(w)
+            w = F8.quantize_weight(w, F8.weight_scale(jax.lax.stop_gradient(weight_amax))).astype(self.dtype)
+        y = _matmul(h, w, n_in)
+        if spec.quantize_grads:
+            g_meta = self.variable("fp8", "g", F8.new_meta, spec.amax_history).value
+            y = F8.quantize_output_grad(y, g_meta["scale"], _probe(self, "g"), spec.recipe == "current", spec.margin)
+        return h, y
+
+
+def _probe(module: nn.Module, name: str):
+    """The zero whose gradient is this site's amax: from `fp8_obs` when the caller differentiates
+    through it (and at init), else a constant."""
+    if module.is_mutable_collection("fp8_obs") or module.has_variable("fp8_obs", name):
+        return module.variable("fp8_obs", name, lambda: jnp.zeros((), jnp.float32)).value
+    return jnp.zeros((), jnp.float32)
+
+
+def _fp8_for(fp8: F8.Fp8Spec | None, target: str) -> F8.Fp8Spec | None:
+    return fp8 if fp8 is not None and fp8.applies(target) else None
+
+
+def _shared_amax(module: nn.Module, fp8: F8.Fp8Spec | None, targets: tuple[str, ...]) -> dict:
+    """{target: the amax its weight scale is taken from} for the targeted kernels among `targets`
+    that share one scale (empty: each its own; also at init and for an FP8-stored base, whose
+    scales were shared when it was quantised)."""
+    group = fp8.shared_group(targets[0]) if fp8 is not None else None
+    if group is None or module.is_initializing() or "params" not in module.variables:
+        return {}
+    kernels = [module.variables["params"][t]["kernel"] for t in group]
+    if any(k.dtype == F8.E4M3 for k in kernels):
+        return {}  # an FP8-stored base: its scales were shared when it was quantised
+    amaxes = [F8.amax(k) for k in kernels]
+    shared = functools.reduce(jnp.maximum, amaxes)
+    return {t: shared for t in group}
 
 
 def rope(x, positions, theta: float):
@@ -183,6 +245,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype
     lora: LoraSpec | None = None
     deterministic: bool = True
+    fp8: F8.Fp8Spec | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=None):
@@ -196,9 +259,12 @@ class Attention(nn.Module):
         D = x.shape[-1]
         N, K, H = self.n_heads, self.n_kv_heads, self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
-        q = Linear((D,), (N, H), ("embed", "heads", "head_dim"), lora=_lora_for(self.lora, "q"), name="q", **kw)(x)
-        k = Linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), lora=_lora_for(self.lora, "k"), name="k", **kw)(x)
-        v = Linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), lora=_lora_for(self.lora, "v"), name="v", **kw)(x)
+        lin = lambda t, i, o, axes: Linear(i, o, axes, lora=_lora_for(self.lora, t), fp8=_fp8_for(self.fp8, t),
+                                           name=t, **kw)
+        shared = _shared_amax(self, self.fp8, ("q", "k", "v"))  # one FP8 GEMM when served
+        q = lin("q", (D,), (N, H), ("embed", "heads", "head_dim"))(x, shared.get("q"))
+        k = lin("k", (D,), (K, H), ("embed", "kv_heads", "head_dim"))(x, shared.get("k"))
+        v = lin("v", (D,), (K, H), ("embed", "kv_heads", "head_dim"))(x, shared.get("v"))
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
         if cache is None:
             # `mask` is the segment ids here. attention.py picks the kernel: dense XLA for short rows,
@@ -210,7 +276,7 @@ class Attention(nn.Module):
                                    cached_valid, new_mask)
             cache = {"k": k.swapaxes(1, 2).astype(cache["k"].dtype), "v": v.swapaxes(1, 2).astype(cache["v"].dtype)}
         out = checkpoint_name(out, "attention_out")
-        out = Linear((N, H), (D,), ("heads", "head_dim", "embed"), lora=_lora_for(self.lora, "o"), name="o", **kw)(out)
+        out = lin("o", (N, H), (D,), ("heads", "head_dim", "embed"))(out)
         return out, cache
 
 
@@ -263,21 +329,25 @@ class Mlp(nn.Module):
     param_dtype: jnp.dtype
     lora: LoraSpec | None = None
     deterministic: bool = True
+    fp8: F8.Fp8Spec | None = None
 
     @nn.compact
     def __call__(self, x):
         D, F = x.shape[-1], self.hidden_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
-        gate = Linear((D,), (F,), ("embed", "mlp"), lora=_lora_for(self.lora, "gate"), name="gate", **kw)(x)
-        up = Linear((D,), (F,), ("embed", "mlp"), lora=_lora_for(self.lora, "up"), name="up", **kw)(x)
-        return Linear((F,), (D,), ("mlp", "embed"), lora=_lora_for(self.lora, "down"), name="down", **kw)(
-            nn.silu(gate) * up)
+        lin = lambda t, i, o, axes: Linear(i, o, axes, lora=_lora_for(self.lora, t), fp8=_fp8_for(self.fp8, t),
+                                           name=t, **kw)
+        shared = _shared_amax(self, self.fp8, ("gate", "up"))
+        gate = lin("gate", (D,), (F,), ("embed", "mlp"))(x, shared.get("gate"))
+        up = lin("up", (D,), (F,), ("embed", "mlp"))(x, shared.get("up"))
+        return lin("down", (F,), (D,), ("mlp", "embed"))(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
     config: ModelConfig
     lora: LoraSpec | None = None
     deterministic: bool = True
+    fp8: F8.Fp8Spec | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=None):
@@ -286,10 +356,10 @@ class Block(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))  # the residual stream, at every block boundary
         h = RMSNorm(c.norm_eps, dt, pdt, name="attention_norm")(x)
         h, cache = Attention(c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta, dt, pdt, self.lora,
-                             self.deterministic, name="attention")(h, positions, mask, cache, cache_index)
+                             self.deterministic, self.fp8, name="attention")(h, positions, mask, cache, cache_index)
         x = x + h
         h = RMSNorm(c.norm_eps, dt, pdt, name="ffn_norm")(x)
-        x = x + Mlp(c.hidden_dim, dt, pdt, self.lora, self.deterministic, name="mlp")(h)
+        x = x + Mlp(c.hidden_dim, dt, pdt, self.lora, self.deterministic, self.fp8, name="mlp")(h)
         return x, cache  # scan carries x; the new keys/values (None in training) are stacked as ys
 
 
@@ -298,6 +368,7 @@ class Transformer(nn.Module):
     lora: LoraSpec | None = None
     remat: str = "none"
     deterministic: bool = True
+    fp8: F8.Fp8Spec | None = None
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False,
@@ -329,14 +400,14 @@ class Transformer(nn.Module):
         scan = functools.partial(
             nn.scan,
             block,
-            variable_axes={"params": 0, "lora": 0},
+            variable_axes={"params": 0, "lora": 0, "fp8": 0, "fp8_obs": 0},
             split_rngs={"params": True, "dropout": True},
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         if cache is None:
             x, _ = scan(in_axes=(nn.broadcast, nn.broadcast))(
-                c, self.lora, self.deterministic, name="layers")(x, positions, segment_ids)
+                c, self.lora, self.deterministic, self.fp8, name="layers")(x, positions, segment_ids)
         else:
             # Each layer reads its [B, K, S, H] slice of the cache (scan xs) and returns its new keys and
             # values (ys, [L, B, K, T, H]), written here in one update. Slots from cache_index on are
@@ -347,7 +418,7 @@ class Transformer(nn.Module):
             fresh = isinstance(cache_index, int) and cache_index == 0
             mask = (None if fresh else cached_valid, new_token_mask(new_valid))
             x, new = scan(in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))(
-                c, self.lora, self.deterministic, name="layers")(
+                c, self.lora, self.deterministic, self.fp8, name="layers")(
                     x, positions, mask, {"k": cache["k"], "v": cache["v"]}, cache_index)
             at = (0, 0, 0, cache_index, 0)
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], new["k"], at),
@@ -357,6 +428,8 @@ class Transformer(nn.Module):
         x = RMSNorm(c.norm_eps, dt, pdt, name="final_norm")(x)
         head = self.param_in("lm_head", "kernel", (c.dim, c.vocab_size), ("embed", "vocab"),
                              nn.initializers.normal(c.dim ** -0.5), pdt)
+        if self.fp8 is not None and self.fp8.applies("lm_head"):
+            x, head = _Fp8Head(self.fp8, dt, name="lm_head_fp8")(x, head)
         if return_hidden:
             out = (x, head)
         else:
@@ -366,6 +439,25 @@ class Transformer(nn.Module):
     def param_in(self, scope: str, name: str, shape, axes, init, dtype):
         """A parameter under a named sub-scope (`embed/embedding`) without a wrapper module."""
         return _Param(name, shape, axes, init, dtype, name=scope)()
+
+
+class _Fp8Head(nn.Module):
+    """Forward-only FP8 qdq of the LM head's input and kernel (the fused cross-entropy keeps the
+    logits' gradient in the compute dtype)."""
+
+    fp8: F8.Fp8Spec
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, head):
+        meta = self.variable("fp8", "x", F8.new_meta, self.fp8.amax_history).value
+        x = F8.quantize_input(x, F8.input_scale(self.fp8, x, meta), _probe(self, "x"))
+        if head.dtype == F8.E4M3:
+            head = F8.dequantize(head, self.variable("fp8", "weight_scale", lambda: jnp.ones((), jnp.float32)).value,
+                                 self.dtype)
+        else:
+            head = F8.quantize_weight(head, F8.weight_scale(jax.lax.stop_gradient(F8.amax(head))))
+        return x, head
 
 
 class _Param(nn.Module):
@@ -384,29 +476,29 @@ class _Param(nn.Module):
 
 
 def make_model(config: ModelConfig, lora: LoraSpec | None = None, remat: str = "none",
-               deterministic: bool = True) -> Transformer:
+               deterministic: bool = True, fp8: F8.Fp8Spec | None = None) -> Transformer:
     if lora is not None and lora.rank == 0:
         lora = None
-    return Transformer(config, lora, remat, deterministic)
+    return Transformer(config, lora, remat, deterministic, fp8)
 
 
 def _dummy_inputs():
     return jnp.zeros((1, 1), jnp.int32)
 
 
-def init_boxed(config: ModelConfig, rng, lora: LoraSpec | None = None):
+def init_boxed(config: ModelConfig, rng, lora: LoraSpec | None = None, fp8: F8.Fp8Spec | None = None):
     """Variables with their logical-axis metadata boxes (use under eval_shape for specs)."""
-    return make_model(config, lora).init(rng, _dummy_inputs())
+    return make_model(config, lora, fp8=fp8).init(rng, _dummy_inputs())
 
 
-def init_params(config: ModelConfig, rng, lora: LoraSpec | None = None) -> dict:
-    """Random params (and `lora` adapters when lora is given) as plain dicts: {'params':..., 'lora':...}."""
-    return nn.meta.unbox(jax.jit(lambda r: init_boxed(config, r, lora))(rng))
+def init_params(config: ModelConfig, rng, lora: LoraSpec | None = None, fp8: F8.Fp8Spec | None = None) -> dict:
+    """Random variables as plain dicts: {'params':..., 'lora':... (with lora), 'fp8', 'fp8_obs' (with fp8)}."""
+    return nn.meta.unbox(jax.jit(lambda r: init_boxed(config, r, lora, fp8))(rng))
 
 
-def abstract_variables(config: ModelConfig, lora: LoraSpec | None = None):
+def abstract_variables(config: ModelConfig, lora: LoraSpec | None = None, fp8: F8.Fp8Spec | None = None):
     """ShapeDtypeStructs of every variable, allocating nothing (works for the 12B preset on a laptop)."""
-    return nn.meta.unbox(jax.eval_shape(lambda: init_boxed(config, jax.random.key(0), lora)))
+    return nn.meta.unbox(jax.eval_shape(lambda: init_boxed(config, jax.random.key(0), lora, fp8)))
 
 
 def logical_axes(config: ModelConfig, lora: LoraSpec | None = None):
@@ -415,18 +507,39 @@ def logical_axes(config: ModelConfig, lora: LoraSpec | None = None):
     return nn.get_partition_spec(boxed)
 
 
+def init_fp8(config: ModelConfig, fp8: F8.Fp8Spec, lora: LoraSpec | None = None) -> tuple[dict, dict]:
+    """(fp8 scaling state, zero probes) for a model: scales 1, empty histories."""
+    v = jax.eval_shape(lambda: nn.meta.unbox(init_boxed(config, jax.random.key(0), lora, fp8)))
+    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
+    state = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ones(x.shape, x.dtype) if getattr(p[-1], "key", None) in ("scale", "weight_scale")
+        else jnp.zeros(x.shape, x.dtype), v["fp8"])
+    return state, zeros(v["fp8_obs"])
+
+
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, *,
             lora_params: dict | None = None, lora: LoraSpec | None = None, return_hidden=False,
-            rngs=None, deterministic=True, remat: str = "none", cache: dict | None = None, cache_index=None):
-    """The model's output; with a `cache` (see `init_cache`), (output, updated cache)."""
-    model = make_model(config, lora if lora_params is not None else None, remat, deterministic)
+            rngs=None, deterministic=True, remat: str = "none", cache: dict | None = None, cache_index=None,
+            fp8: F8.Fp8Spec | None = None, fp8_state: dict | None = None, fp8_probes: dict | None = None):
+    """The model's output; with a `cache` (see `init_cache`), (output, updated cache).
+
+    With `fp8`, the targeted matmuls are fake-quantised with the scales in `fp8_state`; the
+    gradient of the output with respect to `fp8_probes` (zeros from `init_fp8`) is each site's amax.
+    """
+    model = make_model(config, lora if lora_params is not None else None, remat, deterministic, fp8)
     variables = {"params": params}
     if lora_params is not None:
         variables["lora"] = lora_params
+    if fp8 is not None:
+        if fp8_state is None:
+            raise ValueError("forward with fp8 needs fp8_state (see init_fp8)")
+        variables["fp8"] = fp8_state
+        if fp8_probes is not None:
+            variables["fp8_obs"] = F8.as_probes(fp8_probes)
     return model.apply(variables, tokens, positions, segment_ids, return_hidden=return_hidden, rngs=rngs,
                        cache=cache, cache_index=cache_index)
 

@@ -40,10 +40,12 @@ import yaml
 
 from nemo_jax.config import DTYPES, PRESETS
 from nemo_jax.errors import UserError
+from nemo_jax.fp8 import DEFAULT_TARGETS as FP8_DEFAULT_TARGETS
+from nemo_jax.fp8 import RECIPES as FP8_RECIPES
+from nemo_jax.fp8 import TARGETS as FP8_TARGETS
 from nemo_jax.model import LORA_TARGETS, REMAT_POLICIES
 
 SCHEDULES = ("cosine", "linear", "constant")
-FP8_RECIPES = ("delayed", "current")
 
 
 # --- field machinery -------------------------------------------------------------------------------
@@ -428,7 +430,9 @@ class Fp8Section(_Section):
     recipe: str = _field("delayed", choices=FP8_RECIPES)
     amax_history: int = _field(1024, gt=0)
     margin: int = _field(0, ge=0)
-    targets: tuple[str, ...] = _field(LORA_TARGETS, choices=LORA_TARGETS, item="target")
+    targets: tuple[str, ...] = _field(FP8_DEFAULT_TARGETS, choices=FP8_TARGETS, item="target")
+    shared_scales: bool = True
+    store_base: bool = False
 
     def _validate(self):
         _check_list(self, "targets", allow_empty=False)

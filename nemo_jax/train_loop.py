@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
+from nemo_jax import fp8 as F8
 from nemo_jax import model as M
 from nemo_jax import sharding as S
 from nemo_jax.config import ModelConfig
@@ -71,8 +72,11 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     parts = []
     if tc.grad_clip:
         parts.append(optax.clip_by_global_norm(tc.grad_clip))
-    parts.append(optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
-                             weight_decay=tc.weight_decay, mask=decay_mask))
+    if tc.weight_decay:
+        parts.append(optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
+                                 weight_decay=tc.weight_decay, mask=decay_mask))
+    else:  # no decay transform at all: adamw would still add 0 * p to every update
+        parts.append(optax.adam(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps))
     return optax.chain(*parts)
 
 
@@ -88,13 +92,14 @@ class StepSpec:
     remat: str
     n_micro: int
     loss_chunk: int
+    fp8: F8.Fp8Spec | None = None
 
     @property
     def dropout(self) -> bool:
         return self.lora is not None and self.lora.dropout > 0
 
 
-def loss_sums(spec: StepSpec, trainable, frozen, batch, rng):
+def loss_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8_probes=None):
     """(sum of token NLLs, trained-token count) for one micro-batch."""
     if spec.lora is not None:
         params, lora_params = frozen, trainable
@@ -103,42 +108,61 @@ def loss_sums(spec: StepSpec, trainable, frozen, batch, rng):
     hidden, head = M.forward(
         spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
         lora_params=lora_params, lora=spec.lora, return_hidden=True,
-        rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat)
+        rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat,
+        fp8=spec.fp8, fp8_state=fp8_state, fp8_probes=fp8_probes)
     total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
                             jnp.dtype(spec.config.dtype))
     return total, token_count(batch["loss_mask"])
 
 
 def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, frozen, batch: dict):
-    """One optimizer step over `batch` ([batch_size, T] arrays), accumulating n_micro micro-batches."""
+    """One optimizer step over `batch` ([batch_size, T] arrays), accumulating n_micro micro-batches.
+
+    With FP8, each micro-batch also yields the amax every quantised site saw (the gradients of the
+    zero probes, see fp8.py); they combine by max and then update the scaling state, which is
+    neither a trained parameter nor seen by the optimizer.
+    """
     trainable = state["trainable"]
+    fp8_state = state.get("fp8")
+    probes = M.init_fp8(spec.config, spec.fp8, spec.lora)[1] if spec.fp8 is not None else {}
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    micro = jax.tree.map(lambda x: x.reshape((spec.n_micro, -1) + x.shape[1:]), batch)
-    grad_fn = jax.value_and_grad(lambda t, b, r: loss_sums(spec, t, frozen, b, r), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda t, p, b, r: loss_sums(spec, t, frozen, b, r, fp8_state, p or None),
+                                 argnums=(0, 1), has_aux=True)
 
-    def body(acc, xs):
-        mb, i = xs
-        (s, n), g = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
-        g_acc, s_acc, n_acc = acc
-        return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g), s_acc + s, n_acc + n), None
+    if spec.n_micro == 1:  # no accumulation loop (and no zero-filled accumulators)
+        (s_sum, n_sum), (g_sum, observed) = grad_fn(trainable, probes, batch, jax.random.fold_in(rng, 0))
+    else:
+        micro = jax.tree.map(lambda x: x.reshape((spec.n_micro, -1) + x.shape[1:]), batch)
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-    (g_sum, s_sum, n_sum), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(spec.n_micro)))
+        def body(acc, xs):
+            mb, i = xs
+            (s, n), (g, obs) = grad_fn(trainable, probes, mb, jax.random.fold_in(rng, i))
+            g_acc, s_acc, n_acc, obs_acc = acc
+            return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g), s_acc + s, n_acc + n,
+                    F8.combine_observations(obs_acc, obs)), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        init = (zeros, 0.0, 0.0, F8.zero_observations(probes))
+        (g_sum, s_sum, n_sum, observed), _ = jax.lax.scan(body, init, (micro, jnp.arange(spec.n_micro)))
     denom = jnp.maximum(n_sum, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, trainable)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = opt.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
+    if fp8_state is not None:
+        new_state["fp8"] = F8.update_state(fp8_state, observed, spec.fp8)
     metrics = {"loss": s_sum / denom, "grad_norm": grad_norm, "tokens": n_sum}
     return new_state, metrics
 
 
-def eval_sums(spec: StepSpec, params, lora_params, batch):
+def eval_sums(spec: StepSpec, params, lora_params, batch, fp8_state=None):
+    """With FP8, the forward of the deployed model: quantised inputs and weights, the state's scales."""
     if spec.lora is None:
         lora_params = None
     hidden, head = M.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                             lora_params=lora_params, lora=spec.lora, return_hidden=True)
+                             lora_params=lora_params, lora=spec.lora, return_hidden=True,
+                             fp8=spec.fp8, fp8_state=fp8_state)
     total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
                             jnp.dtype(spec.config.dtype))
     return total, token_count(batch["loss_mask"])
@@ -147,21 +171,28 @@ def eval_sums(spec: StepSpec, params, lora_params, batch):
 # --- state, shardings, checkpoints -----------------------------------------------------------------
 
 
-def init_state(trainable, opt, seed: int) -> dict:
-    return {
+def init_state(trainable, opt, seed: int, fp8_state=None) -> dict:
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "trainable": trainable,
         "opt_state": opt.init(trainable),
         "rng": jax.random.key_data(jax.random.key(seed)),
     }
+    if fp8_state is not None:
+        state["fp8"] = fp8_state
+    return state
 
 
-def state_shardings(opt, trainable_abstract, trainable_shardings, mesh):
+def state_shardings(opt, trainable_abstract, trainable_shardings, mesh, fp8_abstract=None):
+    """The FP8 scaling state (a few KB per layer) is replicated."""
     opt_abstract = jax.eval_shape(opt.init, trainable_abstract)
     rep = S.replicated(mesh)
     opt_sh = optax.tree_map_params(opt, lambda _, sh: sh, opt_abstract, trainable_shardings,
                                    transform_non_params=lambda _: rep)
-    return {"step": rep, "trainable": trainable_shardings, "opt_state": opt_sh, "rng": rep}
+    out = {"step": rep, "trainable": trainable_shardings, "opt_state": opt_sh, "rng": rep}
+    if fp8_abstract is not None:
+        out["fp8"] = jax.tree.map(lambda _: rep, fp8_abstract)
+    return out
 
 
 def checkpoint_manager(run_dir: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:

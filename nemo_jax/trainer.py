@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from nemo_jax import fp8 as F8
 from nemo_jax import lora as lora_lib
 from nemo_jax import model as M
 from nemo_jax import sharding as S
@@ -32,6 +33,20 @@ def lora_spec(cfg) -> M.LoraSpec | None:
         return None
     return M.LoraSpec(rank=cfg.lora.rank, alpha=float(cfg.lora.alpha), dropout=float(cfg.lora.dropout),
                       targets=tuple(cfg.lora.targets))
+
+
+def fp8_spec(cfg) -> F8.Fp8Spec | None:
+    f = cfg.fp8
+    if not f.enabled:
+        return None
+    return F8.Fp8Spec(recipe=f.recipe, amax_history=f.amax_history, margin=f.margin, targets=tuple(f.targets),
+                      shared_scales=f.shared_scales, base_fp8=f.store_base)
+
+
+def fp8_eval_spec(spec: F8.Fp8Spec | None) -> F8.Fp8Spec | None:
+    """Evaluation runs the deployed model's forward: static input scales from the trained state (what
+    an hf-fp8 export stores, whatever the training recipe), no gradient quantisation."""
+    return dataclasses.replace(spec, quantize_grads=False, recipe="delayed") if spec is not None else None
 
 
 def tokenizer_for(config: ModelConfig, path: str | None):
@@ -88,9 +103,17 @@ class Layout:
         return jax.jit(traced, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
                        out_shardings=(self.state_sh, None), donate_argnums=(0,))
 
+    @property
+    def fp8(self) -> F8.Fp8Spec | None:
+        return self.step_spec.fp8
+
+    def init_fp8(self):
+        """The FP8 scaling state at step 0 (None without FP8)."""
+        return M.init_fp8(self.config, self.fp8, self.lora)[0] if self.fp8 is not None else None
+
     def abstract_state(self):
         trainable = self.abstract_trainable()
-        state = jax.eval_shape(functools.partial(TL.init_state, opt=self.opt, seed=0), trainable)
+        state = jax.eval_shape(lambda t: TL.init_state(t, self.opt, 0, self.init_fp8()), trainable)
         return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, self.state_sh)
 
     def abstract_trainable(self):
@@ -110,7 +133,7 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
     tc = cfg.train
     spec_lora = lora_spec(cfg)
     n_micro = TL.n_micro(tc.batch_size, tc.micro_batch_size)
-    step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk)
+    step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk, fp8_spec(cfg))
     opt = TL.make_optimizer(tc)
     axes = M.logical_axes(config, spec_lora)
     abstract = M.abstract_variables(config, spec_lora)
@@ -121,15 +144,17 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
         trainable_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract["lora"])
     else:
         trainable_sh, frozen_sh, trainable_abs = param_sh, None, abstract["params"]
-    state_sh = TL.state_shardings(opt, trainable_abs, trainable_sh, mesh)
+    fp8_abs = jax.eval_shape(lambda: M.init_fp8(config, step_spec.fp8, spec_lora)[0]) if step_spec.fp8 else None
+    state_sh = TL.state_shardings(opt, trainable_abs, trainable_sh, mesh, fp8_abs)
     return Layout(config, spec_lora, step_spec, opt, mesh, param_sh, trainable_sh, frozen_sh, state_sh,
                   S.batch_sharding(mesh))
 
 
 def check_run_config(cfg, config: ModelConfig):
     tc = cfg.train
-    if cfg.fp8.enabled:
-        raise UserError("fp8.enabled: FP8 quantisation-aware training is not available in this version")
+    if cfg.fp8.enabled and cfg.fp8.store_base and not cfg.lora.enabled:
+        raise UserError("fp8.store_base: storing the base weights in FP8 needs a frozen base (lora.enabled: true); "
+                        "full fine-tuning keeps high-precision master weights")
     if tc.seq_len > config.max_seq_len:
         raise UserError(f"train.seq_len ({tc.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
     micro = tc.micro_batch_size or tc.batch_size
@@ -153,13 +178,19 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
         base = jax.jit(lambda r: M.init_params(config, r)["params"], out_shardings=layout.param_sh)(base_rng)
     else:
         base = jax.device_put(base, layout.param_sh)
+    fp8_state = layout.init_fp8()
+    if layout.fp8 is not None and layout.fp8.base_fp8:
+        rep = S.replicated(layout.mesh)
+        base, fp8_state = jax.jit(functools.partial(F8.quantize_base, spec=layout.fp8), donate_argnums=(0,),
+                                  out_shardings=(layout.param_sh, jax.tree.map(lambda _: rep, fp8_state)))(
+                                      base, fp8_state)
     if layout.lora is not None:
         trainable = jax.device_put(lora_lib.init_lora(config, layout.lora, lora_rng), layout.trainable_sh)
         frozen = base
     else:
         trainable, frozen = base, None
-    state = jax.jit(functools.partial(TL.init_state, opt=layout.opt, seed=seed),
-                    out_shardings=layout.state_sh)(trainable)
+    state = jax.jit(lambda t, f: TL.init_state(t, layout.opt, seed, f), out_shardings=layout.state_sh)(
+        trainable, fp8_state)
     return state, frozen
 
 
@@ -202,6 +233,7 @@ def train(cfg) -> Path:
         "format": "nemo_jax-run",
         "model": config.to_dict(),
         "lora": dataclasses.asdict(spec_lora) if spec_lora else None,
+        "fp8": dataclasses.asdict(layout.fp8) if layout.fp8 else None,
         "base": {"checkpoint": str(Path(cfg.model.checkpoint).absolute()) if cfg.model.checkpoint else None,
                  "preset": cfg.model.preset, "seed": tc.seed},
     }
@@ -212,7 +244,9 @@ def train(cfg) -> Path:
 
     batch_sh = S.batch_sharding(mesh)
     step_fn = layout.step_fn()
-    eval_fn = jax.jit(functools.partial(TL.eval_sums, layout.step_spec))
+    eval_sums = jax.jit(functools.partial(
+        TL.eval_sums, dataclasses.replace(layout.step_spec, fp8=fp8_eval_spec(layout.fp8))))
+    eval_fn = lambda params, lora_params, batch: eval_sums(params, lora_params, batch, state.get("fp8"))
     eval_bs = tc.micro_batch_size or tc.batch_size
 
     def run_eval(step):
@@ -318,6 +352,23 @@ def load_run(run_dir, dtype=None, step=None):
         base_rng, _ = jax.random.split(jax.random.key(base["seed"]))
         params = M.init_params(config, base_rng)["params"]
     return config, params, trainable, spec
+
+
+def load_run_fp8(run_dir, step=None) -> tuple[F8.Fp8Spec | None, dict | None]:
+    """(Fp8Spec, FP8 scaling state) of a QAT run's newest checkpoint; (None, None) for other runs."""
+    import orbax.checkpoint as ocp
+
+    run_dir = Path(run_dir)
+    info = TL.read_run_info(run_dir).get("fp8")
+    if not info:
+        return None, None
+    spec = F8.Fp8Spec(**{**info, "targets": tuple(info["targets"])})
+    mngr = TL.checkpoint_manager(run_dir, keep=1 << 30, async_save=False)
+    step = step if step is not None else mngr.latest_step()
+    if step is None:
+        raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return spec, jax.tree.map(jnp.asarray, restored["state"]["fp8"])
 
 
 def load_run_merged(run_dir, dtype=None):

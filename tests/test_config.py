@@ -132,7 +132,7 @@ CASES = {
     "unknown target": (BASE + "lora:\n  targets:\n    - q\n    - qq\n",
                        "c.yaml:16: lora.targets: unknown target 'qq' (choose from q, k, v, o, gate, up, down) — "
                        "did you mean q?"),
-    "fp8 target": (BASE + "fp8:\n  targets: [q, lm_head]\n", "c.yaml:14: fp8.targets: unknown target 'lm_head'"),
+    "fp8 target": (BASE + "fp8:\n  targets: [q, embed]\n", "c.yaml:14: fp8.targets: unknown target 'embed'"),
     "duplicate target": (BASE + "lora:\n  targets: [q, v, q]\n", "c.yaml:14: lora.targets: 'q' is listed twice"),
     "empty targets": (BASE + "lora:\n  targets: []\n", "c.yaml:14: lora.targets: must list at least one entry"),
     "missing key": (BASE.replace("  steps: 10\n", ""), "c.yaml:8: missing required key train.steps"),

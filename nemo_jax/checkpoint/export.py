@@ -36,6 +36,12 @@ class ExportOptions:
     dtype: str | None = None  # None: the stored dtype
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE  # bytes per HF shard (a larger single tensor gets its own)
     progress: bool | None = False
+    # hf-fp8 from a checkpoint trained without FP8: where its static input scales come from
+    calibration: tuple[str, ...] = ()  # data files (jsonl), as eval.py reads them
+    calibration_batches: int = 8
+    calibration_batch_size: int = 4
+    calibration_seq_len: int = 512
+    tokenizer: str | None = None
 
 
 Exporter = Callable[[Source, Path, ExportOptions], None]
@@ -77,7 +83,14 @@ def _export_peft(source: Source, out: Path, opts: ExportOptions) -> None:
     export_peft(source, out, opts)
 
 
-EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "mistral": export_mistral, "peft": _export_peft}
+def _export_hf_fp8(source: Source, out: Path, opts: ExportOptions) -> None:
+    from nemo_jax.checkpoint.fp8_io import export_hf_fp8
+
+    export_hf_fp8(source, out, opts)
+
+
+EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "mistral": export_mistral, "peft": _export_peft,
+                                  "hf-fp8": _export_hf_fp8}
 
 
 def export_checkpoint(source: Source, out: Path, fmt: str, opts: ExportOptions = ExportOptions(),

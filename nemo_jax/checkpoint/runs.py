@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nemo_jax.checkpoint.sources import ParamsSource
+import numpy as np
+
+from nemo_jax.checkpoint import layout
+from nemo_jax.checkpoint.sources import ParamsSource, np_dtype
 from nemo_jax.errors import UserError
 
 
@@ -18,19 +21,53 @@ def is_run_dir(path: Path) -> bool:
 
 
 class RunSource(ParamsSource):
+    """A run's model: the base with the adapters merged leaf by leaf as each is read, in float32
+    before any cast (the weight a QAT run quantised), and an FP8-stored base as the run saw it."""
+
     def __init__(self, path: Path):
-        from nemo_jax import lora as lora_lib
-        from nemo_jax.trainer import load_run
+        from nemo_jax.trainer import load_run, load_run_fp8
 
         config, params, self.lora_params, self.lora = load_run(path)
+        self.fp8_spec, self.fp8_state = load_run_fp8(path)  # QAT runs: the trained scales (hf-fp8 export)
         self.base_path = None
         if self.lora is not None:
             from nemo_jax.train_loop import read_run_info
 
             self.base_path = read_run_info(path)["base"]["checkpoint"]
-            params = lora_lib.merge(params, self.lora_params, self.lora)
         what = "LoRA merged" if self.lora else "full fine-tune"
         super().__init__(config, params, path, f"{path} (training run, {what})")
+
+    def read_leaf(self, leaf, dtype, layers=None, on_bytes=None, out=None) -> np.ndarray:
+        import jax.numpy as jnp
+
+        from nemo_jax import fp8 as F8
+        from nemo_jax import lora as lora_lib
+        from nemo_jax.checkpoint.fp8_io import target_of
+
+        t = target_of(leaf)
+        merge = self.lora is not None and t in self.lora.targets
+        fp8_base = self.fp8_spec is not None and self.fp8_spec.base_fp8 and t in self.fp8_spec.targets
+        if not (merge or fp8_base):
+            return super().read_leaf(leaf, dtype, layers, on_bytes, out)
+        w = jnp.asarray(layout.get_path(self.params, leaf.path), jnp.float32)
+        if fp8_base:  # the run trained on the e4m3 base with these scales
+            s = F8.site_state(self.fp8_state, t)["weight_scale"]
+            s = s.reshape(s.shape + (1,) * (w.ndim - s.ndim))
+            w = F8.dequantize(F8.quantize(w, s), s)
+        if merge:
+            sub = "attention" if t in ("q", "k", "v", "o") else "mlp"
+            ab = self.lora_params["layers"][sub][t]
+            w = w + lora_lib._delta(ab["a"], ab["b"], self.lora.scale)
+        value = np.asarray(w)
+        if leaf.stacked and layers is not None:
+            value = value[layers]
+        value = value.astype(np_dtype(dtype), copy=False)
+        if on_bytes:
+            on_bytes(value.nbytes)
+        if out is None:
+            return value
+        np.copyto(out, value)
+        return out
 
 
 def export_peft(source, out: Path, opts) -> None:

@@ -120,8 +120,14 @@ class SafetensorsSource(Source):
         self.path, self.format = Path(path), fmt
         self._scratch = Scratch()  # blocks of a layer as stored, and the transposes' temporaries
         self.description = f"{self.path} ({'HF' if fmt == 'hf' else 'Mistral'} safetensors)"
+        self.fp8 = None  # an FP8 checkpoint's layout (fp8_io.Fp8Format): dequantised on read
         if fmt == "hf":
-            config = from_hf_config(read_json(self.path / HF_CONFIG), source=str(self.path / HF_CONFIG))
+            raw = read_json(self.path / HF_CONFIG)
+            config = from_hf_config(raw, source=str(self.path / HF_CONFIG))
+            if "quantization_config" in raw:
+                from nemo_jax.checkpoint.fp8_io import parse_quantization
+
+                self.fp8 = parse_quantization(raw["quantization_config"], config, str(self.path / HF_CONFIG))
             files = self._hf_files()
         else:
             config = from_params_json(read_json(self.path / MISTRAL_PARAMS), source=str(self.path / MISTRAL_PARAMS))
@@ -140,6 +146,10 @@ class SafetensorsSource(Source):
         expected = {}
         for leaf, i, name in layout.tensor_names(fmt, config):
             expected[name] = leaf
+            for extra in self._fp8_tensors(leaf, name):
+                expected[extra] = leaf
+                if extra not in self.files:
+                    raise UserError(f"{self.path}: missing tensor {extra!r} (an FP8 checkpoint needs it)")
             if name not in self.files:
                 where = self.path / HF_INDEX if (fmt == "hf" and None not in files) else next(iter(opened))
                 raise UserError(f"{where}: missing tensor {name!r}")
@@ -151,9 +161,19 @@ class SafetensorsSource(Source):
             if name not in expected:
                 raise UserError(f"{f.path}: unexpected tensor {name!r} (not part of a {fmt} checkpoint "
                                 f"of the model {config_file} describes)")
-        stored = {dtype_name(f.entries[n].dtype) for n, f in self.files.items()}
+        stored = {dtype_name(f.entries[n].dtype) for n, f in self.files.items()
+                  if not (self.fp8 and (n.endswith("_scale") or f.entries[n].dtype.itemsize == 1))}
         self.stored_dtype = stored.pop() if len(stored) == 1 else "mixed (" + ", ".join(sorted(stored)) + ")"
         self.config = config.replace(param_dtype=self.stored_dtype) if self.stored_dtype in DTYPES else config
+
+    def _fp8_tensors(self, leaf: layout.Leaf, name: str) -> list[str]:
+        """The scale tensors an FP8 checkpoint stores beside a quantised weight."""
+        from nemo_jax.checkpoint.fp8_io import target_of
+
+        if self.fp8 is None or target_of(leaf) not in self.fp8.targets:
+            return []
+        prefix = name[: -len(".weight")]
+        return [prefix + ".weight_scale"] + ([prefix + ".input_scale"] if self.fp8.static_inputs else [])
 
     def _hf_files(self) -> dict[str | None, Path]:
         index, single = self.path / HF_INDEX, self.path / HF_SINGLE
@@ -197,7 +217,26 @@ class SafetensorsSource(Source):
         def read_rows(r0: int, r1: int) -> np.ndarray:
             return f.read(name, out=self._scratch.get((r1 - r0,) + e.shape[1:], e.dtype, "read"), rows=(r0, r1))
 
+        if self._fp8_tensors(leaf, name):  # e4m3 x per-tensor scale, as compressed-tensors/vLLM dequantise
+            scale_name = name[: -len(".weight")] + ".weight_scale"
+            scale = self.files[scale_name].read(scale_name).astype(np.float32)
+            if scale.size != 1:
+                raise UserError(f"{self.files[scale_name].path}: {scale_name} has {scale.size} values; only "
+                                "per-tensor FP8 scales are supported")
+            raw_rows = read_rows
+
+            def read_rows(r0: int, r1: int) -> np.ndarray:
+                return raw_rows(r0, r1).astype(np.float32) * scale.reshape(())
+
         layout.to_ours(leaf, self.format, read_rows, self.config, out, self._scratch)
+
+
+def read_fp8_layout(path: Path, config: ModelConfig):
+    """(Fp8Format, {tensor name: file}) of an FP8 HF checkpoint directory."""
+    source = SafetensorsSource(Path(path), "hf")
+    if source.fp8 is None:
+        raise UserError(f"{path}: not an FP8 checkpoint (no quantization_config in {HF_CONFIG})")
+    return source.fp8, source.files
 
 
 class ParamsSource(Source):

@@ -1,0 +1,340 @@
+"""FP8 checkpoints in the HF layout: `export --format hf-fp8`, reading them back, calibration.
+
+The export is what vLLM, TensorRT-LLM (via llm-compressor checkpoints) and transformers with
+compressed-tensors load as a static per-tensor FP8 model:
+
+    model.layers.{i}.self_attn.q_proj.weight         float8_e4m3fn [out, in]
+    model.layers.{i}.self_attn.q_proj.weight_scale   float32 [1]     dequant = fp8 x weight_scale
+    model.layers.{i}.self_attn.q_proj.input_scale    float32 [1]     static activation scale
+
+for every targeted q/k/v/o/gate/up/down (and lm_head if targeted); embeddings, norms and the LM
+head stay bf16, and config.json carries a compressed-tensors `quantization_config` (format
+`float-quantized`, strategy `tensor`, symmetric, static activations). Weight scales are exactly
+those the QAT forward used (fp8.weight_scales: amax / 448, shared by q/k/v and by gate/up), so
+fp8(W) x weight_scale is bitwise the qdq(W) training saw. Input scales come from the run's trained
+amax state, or for a model trained without FP8 (post-training quantisation) from a calibration
+pass over `--calibration-data`.
+
+Reading: `parse_quantization` accepts this form and vLLM's `"quant_method": "fp8"` form (the same
+tensors) and refuses what it cannot represent (block-wise or per-channel scales, other bit
+widths); sources.py dequantises such checkpoints on load, and `load_fp8_export` keeps them in FP8
+for an evaluation that simulates the served model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from nemo_jax import fp8 as F8
+from nemo_jax.checkpoint import layout
+from nemo_jax.checkpoint.host import Scratch
+from nemo_jax.checkpoint.safetensors_io import SafetensorsFile, Writer
+from nemo_jax.config import ModelConfig, to_hf_config
+from nemo_jax.errors import UserError
+
+E4M3_NP = np.dtype(ml_dtypes.float8_e4m3fn)
+_TARGET_OF_LEAF = {("layers", b, t, "kernel"): t for t, b in F8._BLOCK.items()}
+_TARGET_OF_LEAF[("lm_head", "kernel")] = "lm_head"
+HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def target_of(leaf: layout.Leaf) -> str | None:
+    return _TARGET_OF_LEAF.get(leaf.path)
+
+
+def module_name(target: str, layer: int | None) -> str:
+    return "lm_head" if target == "lm_head" else f"model.layers.{layer}.{HF_MODULE[target]}"
+
+
+# --- quantization_config -----------------------------------------------------------------------------
+
+
+def _args(dynamic: bool) -> dict:
+    return {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": dynamic,
+            "group_size": None, "block_structure": None, "observer": "minmax", "actorder": None}
+
+
+def quantization_config(config: ModelConfig, targets: tuple[str, ...]) -> dict:
+    """compressed-tensors' description of a static per-tensor FP8 (W8A8) model."""
+    ignore = [] if "lm_head" in targets else ["lm_head"]
+    for t in F8.DEFAULT_TARGETS:
+        if t not in targets:  # a Linear not quantised: listed by name
+            ignore += [module_name(t, i) for i in range(config.n_layers)]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": _args(False),
+                                      "input_activations": _args(False), "output_activations": None,
+                                      "format": "float-quantized"}},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Format:
+    targets: tuple[str, ...]  # which of q/k/v/o/gate/up/down/lm_head are stored in FP8
+    static_inputs: bool  # input_scale tensors present
+
+
+def parse_quantization(qc: dict, config: ModelConfig, source: str) -> Fp8Format:
+    """The FP8 layout a config.json's quantization_config describes, or a one-line refusal."""
+    method = qc.get("quant_method")
+    where = f"{source}: quantization_config"
+    if method == "fp8":  # vLLM / AutoFP8: per-tensor e4m3 weights (+ static input scales)
+        if qc.get("weight_block_size"):
+            raise UserError(f"{where}.weight_block_size: block-wise FP8 scales are not supported "
+                            "(only per-tensor)")
+        scheme = qc.get("activation_scheme", "static")
+        ignore = qc.get("ignored_layers") or qc.get("modules_to_not_convert") or []
+        return Fp8Format(_targets_from_ignore(ignore, config, where), scheme == "static")
+    if method != "compressed-tensors":
+        raise UserError(f"{where}.quant_method: {method!r} is not supported (FP8 checkpoints in the "
+                        "compressed-tensors or fp8 form are)")
+    if qc.get("format") not in ("float-quantized", "naive-quantized", None):
+        raise UserError(f"{where}.format: {qc.get('format')!r} is not supported (float-quantized is)")
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise UserError(f"{where}.config_groups: expected one group, got {len(groups)}")
+    (name, group), = groups.items()
+    w = group.get("weights") or {}
+    if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") != "tensor":
+        raise UserError(f"{where}.config_groups.{name}.weights: only 8-bit float per-tensor weights are supported, "
+                        f"got {w.get('num_bits')}-bit {w.get('type')} {w.get('strategy')}")
+    a = group.get("input_activations")
+    if a and (a.get("type") != "float" or a.get("num_bits") != 8 or a.get("strategy") != "tensor"):
+        raise UserError(f"{where}.config_groups.{name}.input_activations: only 8-bit float per-tensor "
+                        "activations are supported")
+    return Fp8Format(_targets_from_ignore(qc.get("ignore") or [], config, where),
+                     bool(a) and not a.get("dynamic", False))
+
+
+def _targets_from_ignore(ignore: list, config: ModelConfig, where: str) -> tuple[str, ...]:
+    import re
+
+    def ignored(name: str) -> bool:
+        for pat in ignore:
+            if pat.startswith("re:") and re.match(pat[3:], name) or pat == name or name.endswith("." + pat):
+                return True
+        return False
+
+    targets = []
+    for t in F8.TARGETS:
+        names = [module_name(t, i) for i in (range(config.n_layers) if t != "lm_head" else [None])]
+        flags = {ignored(n) for n in names}
+        if len(flags) > 1:
+            raise UserError(f"{where}.ignore: {t} is quantised in some layers only; not supported")
+        if not flags.pop():
+            targets.append(t)
+    return tuple(targets)
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+
+def _scales_and_inputs(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> tuple[dict, dict]:
+    """{target: weight scales}, {target: input scales} as numpy ([L] for layer targets)."""
+    amaxes = {}  # one leaf in memory at a time; max|W| is exact in any dtype
+    for leaf in layout.LEAVES:
+        t = target_of(leaf)
+        if t in spec.targets:
+            x = source.read_leaf(leaf, "float32")
+            amaxes[t] = np.abs(x).max(axis=tuple(range(1, x.ndim)) if leaf.stacked else None)
+            del x
+    for t in spec.targets:
+        group = spec.shared_group(t)
+        if group:
+            amaxes[t] = np.max([amaxes[u] for u in group], axis=0)
+    # the very function the QAT forward computes its weight scales with: bitwise the same scales
+    w_scales = {t: np.asarray(jax.jit(F8.weight_scale)(jnp.asarray(a, jnp.float32))) for t, a in amaxes.items()}
+    state = getattr(source, "fp8_state", None)
+    if state is None:
+        if not getattr(opts, "calibration", ()):
+            raise UserError(f"{source.path}: --format hf-fp8 needs static input scales: this checkpoint was not "
+                            "trained with FP8, so give --calibration-data FILE (post-training quantisation)")
+        state = calibrate(source, config, spec, opts)
+    inputs = {t: np.asarray(F8.site_state(state, t)["x"]["scale"], np.float32) for t in spec.targets}
+    return w_scales, inputs
+
+
+def export_hf_fp8(source, out: Path, opts) -> None:
+    from nemo_jax.checkpoint.sources import HF_CONFIG, HF_INDEX, progress_bar
+
+    config = source.config_for(None)
+    run_spec = getattr(source, "fp8_spec", None)
+    spec = run_spec or F8.Fp8Spec(recipe="delayed", amax_history=1)
+    spec = dataclasses.replace(spec, quantize_grads=False, base_fp8=False)
+    dense_dtype = opts.dtype or "bfloat16"
+    dense_np = np.dtype(jnp.dtype(dense_dtype))
+    w_scales, in_scales = _scales_and_inputs(source, config, spec, opts)
+
+    entries: list[tuple[str, np.dtype, tuple[int, ...], tuple]] = []  # name, dtype, shape, what
+    for leaf, i, name in layout.tensor_names("hf", config):
+        t = target_of(leaf)
+        shape = layout.source_shape(leaf, config)
+        if t in spec.targets:
+            entries.append((name, E4M3_NP, shape, ("weight", leaf, i, t)))
+            prefix = name[: -len(".weight")]
+            entries.append((prefix + ".weight_scale", np.dtype(np.float32), (1,), ("wscale", leaf, i, t)))
+            entries.append((prefix + ".input_scale", np.dtype(np.float32), (1,), ("iscale", leaf, i, t)))
+        else:
+            entries.append((name, dense_np, shape, ("dense", leaf, i, t)))
+    shards, size = [[]], 0
+    for e in entries:
+        nbytes = math.prod(e[2]) * e[1].itemsize
+        if shards[-1] and size + nbytes > opts.max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    total = sum(math.prod(e[2]) * e[1].itemsize for e in entries)
+    quantize = jax.jit(lambda x, s: F8.quantize(x, s, F8.E4M3))
+    scratch, current, value = Scratch(), None, None
+    with progress_bar(total, opts.progress, "export hf-fp8") as bar:
+        for f, shard in zip(files, shards):
+            with Writer(out / f, [(n, d, s) for n, d, s, _ in shard], metadata={"format": "pt"}) as w:
+                for name, dt, shape, (kind, leaf, i, t) in shard:
+                    if kind in ("wscale", "iscale"):
+                        s = (w_scales if kind == "wscale" else in_scales)[t]
+                        w.write(name, np.asarray(s if i is None else s[i], np.float32).reshape(1))
+                        continue
+                    if leaf is not current:
+                        current, value = leaf, None
+                        value = source.read_leaf(leaf, "float32" if kind == "weight" else dense_dtype)
+                    x = value[i] if leaf.stacked else value
+                    if kind == "weight":
+                        s = w_scales[t] if i is None else w_scales[t][i]
+                        x = np.asarray(quantize(x, np.float32(s)))
+                    w.write(name, layout.from_ours(leaf, "hf", x, config, scratch))
+                    bar.update(x.nbytes)
+    index = {"metadata": {"total_size": total},
+             "weight_map": dict(sorted((e[0], f) for f, s in zip(files, shards) for e in s))}
+    (out / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    hf = to_hf_config(config, dense_dtype)
+    hf["quantization_config"] = quantization_config(config, spec.targets)
+    (out / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+
+
+# --- calibration (post-training quantisation) -----------------------------------------------------------
+
+
+def calibrate(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> dict:
+    """An FP8 state whose input scales are the max amax seen over the calibration batches.
+
+    The forward runs with current scaling (each activation quantised with its own amax), the
+    closest thing to the deployed model before its static scales exist."""
+    from nemo_jax import model as M
+    from nemo_jax.data import make_eval_batches
+    from nemo_jax.losses import chunked_nll_sum
+    from nemo_jax.trainer import tokenizer_for
+
+    params = {}
+    for leaf in layout.LEAVES:
+        params[leaf.path] = jnp.asarray(source.read_leaf(leaf, "float32"))
+    params = layout.nest(params)
+    cal = dataclasses.replace(spec, recipe="current", quantize_grads=False)
+    state0, probes = M.init_fp8(config, cal)
+    tokenizer = tokenizer_for(config, getattr(opts, "tokenizer", None))
+
+    @jax.jit
+    def observe(batch):
+        def loss(p):
+            hidden, head = M.forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                     return_hidden=True, fp8=cal, fp8_state=state0, fp8_probes=p)
+            return chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], 512, jnp.float32)
+        return jax.grad(loss)(probes)
+
+    seen = None
+    n = 0
+    for path in opts.calibration:
+        if not Path(path).exists():
+            raise UserError(f"--calibration-data {path}: no such file")
+        for batch in make_eval_batches(path, tokenizer, opts.calibration_seq_len, opts.calibration_batch_size):
+            obs = observe({k: jnp.asarray(batch[k]) for k in ("tokens", "targets", "loss_mask", "segment_ids",
+                                                              "positions")})
+            seen = obs if seen is None else F8.combine_observations(seen, obs)
+            n += 1
+            if n >= opts.calibration_batches:
+                break
+        if n >= opts.calibration_batches:
+            break
+    if seen is None:
+        raise UserError(f"--calibration-data: no batches in {', '.join(opts.calibration)}")
+    return F8.update_state(state0, seen, cal)
+
+
+# --- reading an FP8 export for simulated evaluation ------------------------------------------------------
+
+
+def is_fp8_checkpoint(path: Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "quantization_config" in json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, F8.Fp8Spec, dict]:
+    """(config, params, spec, state) of an FP8 HF checkpoint, its quantised kernels kept in e4m3 with
+    their weight scales and input scales in the state: `forward(..., fp8=spec, fp8_state=state)` is
+    the served model's computation (static input quantisation, e4m3 x scale weights)."""
+    from nemo_jax.checkpoint import load
+    from nemo_jax.checkpoint.sources import read_fp8_layout
+
+    path = Path(path)
+    config, params = load(path)  # dequantised; the quantised kernels are replaced below
+    fmt, files = read_fp8_layout(path, config)
+    if not fmt.static_inputs:
+        raise UserError(f"{path}: dynamic activation scales; simulated evaluation needs static input_scale tensors")
+    spec = F8.Fp8Spec(recipe="delayed", amax_history=1, targets=fmt.targets, base_fp8=True, quantize_grads=False)
+    state, _ = _init_state(config, spec)
+    params = jax.tree.map(lambda x: x, params)
+    state = jax.tree.map(lambda x: x, state)
+    scratch = Scratch()
+    for leaf in layout.LEAVES:
+        t = target_of(leaf)
+        if t not in fmt.targets:
+            continue
+        layers = range(config.n_layers) if leaf.stacked else [None]
+        kern = np.empty(layout.stacked_shape(leaf, config), E4M3_NP)
+        ws, xs = np.empty(len(layers), np.float32), np.empty(len(layers), np.float32)
+        for j, i in enumerate(layers):
+            name = leaf.name("hf", i)
+            f = files[name]
+            prefix = name[: -len(".weight")]
+            ws[j] = files[prefix + ".weight_scale"].read(prefix + ".weight_scale").reshape(-1)[0]
+            xs[j] = files[prefix + ".input_scale"].read(prefix + ".input_scale").reshape(-1)[0]
+            e = f.entries[name]
+            out = kern[j] if leaf.stacked else kern
+            layout.to_ours(leaf, "hf", lambda r0, r1: f.read(name, rows=(r0, r1)).view(e.dtype), config, out, scratch)
+        site = F8.site_state(state, t)
+        one = (lambda a: a) if leaf.stacked else (lambda a: a[0])
+        site["weight_scale"] = jnp.asarray(one(ws))
+        site["x"] = {"amax_history": jnp.asarray(one(xs))[..., None] * F8.fp8_max(F8.E4M3),
+                     "scale": jnp.asarray(one(xs))}
+        node = params
+        for k in leaf.path[:-1]:
+            node = node[k]
+        node[leaf.path[-1]] = jnp.asarray(kern)
+    return config, params, spec, state
+
+
+def _init_state(config: ModelConfig, spec: F8.Fp8Spec):
+    from nemo_jax import model as M
+
+    return M.init_fp8(config, spec)
