@@ -125,7 +125,8 @@ def main_eval(args) -> dict:
         lora_params, spec, fp8 = None, None, (fp8_spec, fp8_state)
     else:
         config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype)
-        params, fp8 = load_fp8_for_eval(args.checkpoint, params)
+        params, fp8 = load_fp8_for_eval(args.checkpoint, params) if not getattr(args, "no_fp8", False) \
+            else (params, None)
     if fp8 is not None:
         print(f"{args.checkpoint}: FP8 model: evaluating the simulated FP8 forward "
               f"({', '.join(fp8[0].targets)} in e4m3, static input scales)")

@@ -1,0 +1,103 @@
+"""FP8 quantisation-aware training on the demo model: how much of the post-training-quantisation
+(PTQ) loss gap does QAT recover?
+
+    .venv/bin/python benchmarks/fp8_qat.py [--base outputs/demo/pretrain] [--steps 60] [--lr 3e-4]
+                                           [--recipe delayed] [--out outputs/bench_fp8]
+
+With the same commands a user runs (train.py, convert export --format hf-fp8, eval.py):
+
+  base      the demo model pretrained from scratch (configs/demo_pretrain.yaml; trained unless
+            --base names an existing run), evaluated unquantised in bf16 compute
+  PTQ       its hf-fp8 export, input scales calibrated on the training corpus, evaluated as the
+            served model runs it (e4m3 weights x scale, static e4m3 inputs; eval.py simulates it,
+            exactly as transformers + compressed-tensors does, see tests/test_fp8.py)
+  control   the base fine-tuned --steps more steps in plain precision, then PTQ as above: the same
+            extra training without QAT, so that QAT is not credited with what more steps did
+  QAT       the base fine-tuned --steps steps with fp8.enabled, its hf-fp8 export (trained scales)
+
+and reports held-out loss on data/demo/pretrain_eval.jsonl. Gap = FP8 export loss - the same
+model's bf16 loss; recovered = 1 - QAT gap / control PTQ gap (goal: most of it).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL = "data/demo/pretrain_eval.jsonl"
+TRAIN = "data/demo/pretrain_train.jsonl"
+
+
+def run(*args):
+    t = time.time()
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"failed ({p.returncode}): python {' '.join(args)}\n{p.stderr[-3000:]}")
+    print(f"  ({time.time() - t:5.0f} s) python {' '.join(args)}", flush=True)
+    return p.stdout
+
+
+def evaluate(ckpt: Path, out: Path, dtype: str | None = None) -> float:
+    extra = ["--dtype", dtype, "--no-fp8"] if dtype else []
+    run("eval.py", "--checkpoint", str(ckpt), "--data", EVAL, "--seq-len", "256", "--out", str(out), *extra)
+    return json.loads(out.read_text())["pretrain_eval"]["loss"]
+
+
+def export_fp8(run_dir: Path, out: Path, calibrate: bool):
+    cal = ["--calibration-data", TRAIN, "--calibration-batches", "16", "--calibration-seq-len", "256"] if calibrate else []
+    run("-m", "nemo_jax.convert", "export", str(run_dir), str(out), "--format", "hf-fp8", "--force", *cal)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", type=Path, help="an existing demo pretrain run (default: train one)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--recipe", default="delayed", choices=("delayed", "current"))
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench_fp8"))
+    args = ap.parse_args()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    base = args.base or args.out / "base"
+    if args.base is None:
+        run("train.py", "--config", "configs/demo_pretrain.yaml", "--set", f"output_dir={base}")
+    ft = ["--config", "configs/demo_pretrain.yaml", "--set", "model.preset=null", "--set", f"model.checkpoint={base}",
+          "--set", f"train.steps={args.steps}", "--set", f"train.lr={args.lr}", "--set", "train.warmup_steps=5",
+          "--set", "train.eval_every=0", "--set", "checkpoint.every=0", "--set", "data.eval=[]"]
+    run("train.py", *ft, "--set", f"output_dir={args.out / 'control'}")
+    run("train.py", *ft, "--set", f"output_dir={args.out / 'qat'}", "--set", "fp8.enabled=true",
+        "--set", f"fp8.recipe={args.recipe}", "--set", "fp8.amax_history=16")
+    export_fp8(base, out / "base_fp8", calibrate=True)
+    export_fp8(out / "control", out / "control_fp8", calibrate=True)
+    export_fp8(out / "qat", out / "qat_fp8", calibrate=False)
+
+    rows = {
+        "base, bf16": evaluate(base, out / "e_base.json", "bfloat16"),
+        "base, FP8 PTQ": evaluate(out / "base_fp8", out / "e_base_fp8.json"),
+        f"control (+{args.steps} steps), bf16": evaluate(out / "control", out / "e_control.json", "bfloat16"),
+        f"control (+{args.steps} steps), FP8 PTQ": evaluate(out / "control_fp8", out / "e_control_fp8.json"),
+        f"QAT (+{args.steps} steps), bf16": evaluate(out / "qat", out / "e_qat_bf16.json", "bfloat16"),
+        f"QAT (+{args.steps} steps), FP8 export": evaluate(out / "qat_fp8", out / "e_qat_fp8.json"),
+    }
+    names = list(rows)
+    ptq_gap = rows[names[3]] - rows[names[2]]
+    qat_gap = rows[names[5]] - rows[names[2]]
+    print(f"\nheld-out loss on {EVAL} (nats/token; {time.time() - t0:.0f} s in all)")
+    print(f"{'model':<34}{'loss':>9}")
+    for k, v in rows.items():
+        print(f"{k:<34}{v:9.4f}")
+    print(f"\nPTQ gap after the same training (control FP8 - control bf16): {ptq_gap:+.4f}")
+    print(f"QAT gap (QAT FP8 export - control bf16):                      {qat_gap:+.4f}")
+    if ptq_gap > 0:
+        print(f"recovered: {100 * (1 - qat_gap / ptq_gap):.0f}% of the PTQ gap")
+    (out / "results.json").write_text(json.dumps({"rows": rows, "ptq_gap": ptq_gap, "qat_gap": qat_gap,
+                                                  "steps": args.steps, "lr": args.lr, "recipe": args.recipe},
+                                                 indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
