@@ -369,3 +369,20 @@ def test_fp8_config_errors(tmp_path):
     p = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}",
                         "--set", "fp8.targets=[q,x]"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode != 0 and "fp8.targets" in p.stderr
+
+
+def test_qat_resume_is_exact(tmp_path):
+    def losses(run_dir):
+        recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if "loss" in r and "split" not in r]
+
+    common = ("fp8.enabled=true", "fp8.amax_history=4", "train.schedule=constant", "train.log_every=1")
+    train(tmp_path / "full", *common, "train.steps=6")
+    train(tmp_path / "part", *common, "train.steps=3")
+    train(tmp_path / "part", *common, "train.steps=6")
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    from nemo_jax.trainer import load_run_fp8
+
+    a, b = load_run_fp8(tmp_path / "full")[1], load_run_fp8(tmp_path / "part")[1]
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert float(np.asarray(a["layers"]["mlp"]["up"]["g"]["amax_history"]).min()) > 0  # 4 steps in the window
