@@ -107,17 +107,24 @@ def _write_safetensors(source: Source, config: ModelConfig, fmt: str, files: lis
     dt = np_dtype(config.param_dtype)
     total = sum(math.prod(layout.source_shape(leaf, config)) * dt.itemsize for _, ts in files for leaf, _, _ in ts)
     current, value, x, scratch = None, None, None, Scratch()
+    # Sources that read straight into a buffer get the same one for every leaf: re-touching warm
+    # pages is much cheaper than faulting in fresh ones (see host.Scratch).
+    leaf_buffer = Scratch() if getattr(source, "reads_into_out", False) else None
     with progress_bar(total, progress, "export") as bar:
         for path, tensors in files:
             entries = [(name, dt, layout.source_shape(leaf, config)) for leaf, _, name in tensors]
-            with Writer(path, entries, metadata={"format": "pt"}) as w:
+            # A background thread writes the file while the next blocks are converted and the next leaf read.
+            with Writer(path, entries, metadata={"format": "pt"}, background=True) as w:
                 for leaf, i, name in tensors:
                     if leaf is not current:
+                        if current is not None and current.n_in == 0:
+                            w.drain()  # its tensors were queued as views of `value`: written before it is reused
                         current, value, x = leaf, None, None  # drop the previous leaf before reading the next
                         bar.set_postfix_str(leaf.key())
-                        value = source.read_leaf(leaf, config.param_dtype)
+                        out = leaf_buffer and leaf_buffer.get(layout.stacked_shape(leaf, config), dt)
+                        value = source.read_leaf(leaf, config.param_dtype, out=out)
                     x = value[i] if leaf.stacked else value
-                    w.write(name, layout.from_ours(leaf, fmt, x, config, scratch))
+                    w.write(name, layout.from_ours(leaf, fmt, x, config, scratch, w.block))
                     bar.update(x.nbytes)
     return total
 

@@ -125,7 +125,7 @@ def unpermute(w: np.ndarray, n: int) -> np.ndarray:
 
 # Large matrices are converted in blocks of rows of the stored tensor, so the temporaries stay
 # small whatever the tensor (the 1.3 GB lm_head of NeMo included).
-BLOCK_BYTES = 32 << 20
+BLOCK_BYTES = 8 << 20
 
 
 def _block_rows(leaf: Leaf, c: ModelConfig, cols: int, itemsize: int) -> int:
@@ -155,28 +155,38 @@ def to_ours(leaf: Leaf, fmt: str, read_rows: Callable[[int, int], np.ndarray], c
         transpose_into(out2[:, r0:r1], w, scratch)
 
 
-def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, scratch: Scratch) -> Iterator[np.ndarray]:
-    """One layer of our leaf -> the tensor stored in `fmt`, as consecutive C-contiguous blocks of rows
-    (each valid until the next is produced)."""
+def from_ours(leaf: Leaf, fmt: str, x: np.ndarray, c: ModelConfig, scratch: Scratch,
+              block: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None) -> Iterator[np.ndarray]:
+    """One layer of our leaf -> the tensor stored in `fmt`, as consecutive C-contiguous blocks of rows.
+
+    Without `block` each block is valid until the next is produced (they share scratch memory);
+    with it, each converted block is written into a fresh `block(shape, dtype)` (e.g. a background
+    writer's buffers). A leaf stored as is comes out as `x` itself (a view, no copy)."""
     if leaf.n_in == 0:
-        yield np.ascontiguousarray(x)
+        yield x if x.flags.c_contiguous else np.ascontiguousarray(x)
         return
     rows, cols = source_shape(leaf, c)
     x2 = x.reshape(cols, rows)
     step = _block_rows(leaf, c, cols, x.dtype.itemsize)
+    rope = fmt == "mistral" and leaf.rope_heads
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        w = scratch.get((r1 - r0, cols), x.dtype, "rows")
+        if block is None or rope:
+            w = scratch.get((r1 - r0, cols), x.dtype, "rows")
+        else:
+            w = block((r1 - r0, cols), x.dtype)
         transpose_into(w, x2[:, r0:r1], scratch)
-        if fmt == "mistral" and leaf.rope_heads:
-            w = _rope_rows(w, (r1 - r0) // c.head_dim, scratch, to_hf=False)
+        if rope:
+            w = _rope_rows(w, (r1 - r0) // c.head_dim, scratch, to_hf=False,
+                           out=None if block is None else block(w.shape, w.dtype))
         yield w
 
 
-def _rope_rows(w: np.ndarray, n: int, scratch: Scratch, to_hf: bool) -> np.ndarray:
-    """`permute` (to_hf) or `unpermute` of n whole heads' rows, written straight into a scratch buffer."""
+def _rope_rows(w: np.ndarray, n: int, scratch: Scratch, to_hf: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """`permute` (to_hf) or `unpermute` of n whole heads' rows, written straight into `out` or a scratch buffer."""
     rows, cols = w.shape
-    out = scratch.get(w.shape, w.dtype, "rope")
+    if out is None:
+        out = scratch.get(w.shape, w.dtype, "rope")
     interleaved, halves = (n, rows // n // 2, 2, cols), (n, 2, rows // n // 2, cols)
     src, dst = (interleaved, halves) if to_hf else (halves, interleaved)
     out.reshape(dst)[...] = w.reshape(src).transpose(0, 2, 1, 3)

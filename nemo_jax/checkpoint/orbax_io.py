@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -28,6 +29,7 @@ from orbax.checkpoint import v1 as ocp
 
 from nemo_jax.checkpoint import layout
 from nemo_jax.checkpoint.host import Scratch
+from nemo_jax.checkpoint.safetensors_io import read_into
 from nemo_jax.checkpoint.sources import Source, dtype_name, np_dtype, progress_bar
 from nemo_jax.checkpoint.staging import staged_output
 from nemo_jax.config import DTYPES, ModelConfig, read_json
@@ -160,6 +162,7 @@ def import_checkpoint(source: Source, out: Path, dtype: str | None = None, force
 
 class OrbaxSource(Source):
     format = "nemo_jax"
+    reads_into_out = True  # read_leaf(out=buffer) fills the buffer without a temporary copy
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -190,21 +193,119 @@ class OrbaxSource(Source):
         self.config = config.replace(param_dtype=self.stored_dtype) if self.stored_dtype in DTYPES else config
 
     def read_leaf(self, leaf, dtype, layers=None, on_bytes=None, out=None) -> np.ndarray:
-        target = np.empty(layout.stacked_shape(leaf, self.config), np_dtype(dtype))  # placeholder: no data touched
-        with _context(partial_load=True):
-            value = layout.get_path(ocp.load(self.path / PARAMS_DIR, layout.nest({leaf.path: target})), leaf.path)
-        if leaf.stacked and layers is not None:
-            value = value[layers]
+        raw = self._raw_location(leaf)
+        if raw is not None and (layers is None or layers.step in (None, 1)):
+            value = self._read_raw(leaf, raw, dtype, layers, out)
+        else:
+            target = np.empty(layout.stacked_shape(leaf, self.config), np_dtype(dtype))  # placeholder: no data touched
+            with _context(partial_load=True):
+                value = layout.get_path(ocp.load(self.path / PARAMS_DIR, layout.nest({leaf.path: target})), leaf.path)
+            if leaf.stacked and layers is not None:
+                value = value[layers]
         if on_bytes:
             on_bytes(value.nbytes)
-        if out is None:
+        if out is None or value is out:
             return value
         np.copyto(out, value)
         return out
 
+    def _raw_location(self, leaf: layout.Leaf) -> "_Raw | None":
+        if not hasattr(self, "_raw"):
+            self._raw = _raw_locations(self.path / PARAMS_DIR)
+        raw = self._raw.get(leaf.path) if self._raw else None
+        return raw if raw is not None and raw.shape == layout.stacked_shape(leaf, self.config) else None
+
+    def _read_raw(self, leaf, raw: "_Raw", dtype, layers, out) -> np.ndarray:
+        """The leaf's bytes straight from the file orbax wrote them to: no second copy in memory."""
+        shape = raw.shape
+        offset = raw.offset
+        if leaf.stacked and layers is not None:
+            start, stop, _ = layers.indices(shape[0])
+            row = raw.nbytes // shape[0] if shape[0] else 0
+            shape, offset = (max(0, stop - start),) + shape[1:], offset + start * row
+        dt = np_dtype(dtype)
+        target = out if (out is not None and out.dtype == raw.dtype and out.flags.c_contiguous) else None
+        value = np.empty(shape, raw.dtype) if target is None else target
+        assert value.shape == shape, (value.shape, shape)
+        if not read_into(raw.file, offset, value):
+            raise UserError(f"{raw.file}: truncated (tensor {leaf.key()!r})")
+        return value if value.dtype == dt else value.astype(dt)
+
     def restore(self, abstract) -> dict:
         with _context():
             return ocp.load(self.path / PARAMS_DIR, abstract)
+
+
+class _Raw(NamedTuple):
+    file: Path  # the data file holding the leaf's bytes, C order, little-endian
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _raw_locations(params: Path) -> dict[layout.Path, _Raw] | None:
+    """Where each leaf's bytes lie in the files orbax wrote, for the layout this module writes.
+
+    orbax stores each array as a zarr3 array inside an OCDBT database (tensorstore): one chunk per
+    leaf, wrapped in zarr's sharding codec (the chunk's raw bytes, then a 16-byte index and its
+    crc32c). OCDBT keeps such a value uncompressed at a byte range of a data file; its B+tree says
+    where, which `tensorstore.ocdbt.dump` (a public API) shows. Reading those bytes ourselves puts
+    them straight into the caller's buffer, where tensorstore holds the encoded chunk and the
+    decoded array at once (2x the leaf). Anything not exactly that simple layout (several chunks,
+    compression, other codecs, a deeper tree) gives None, and the reader falls back to orbax.
+    """
+    try:
+        import tensorstore as ts
+
+        dbs = [d for d in params.iterdir() if (d / "manifest.ocdbt").is_file()]
+        if len(dbs) != 1 or np.little_endian is False:
+            return None
+        root = dbs[0]
+        base = ts.KvStore.open({"driver": "file", "path": str(root) + "/"}).result()
+        manifest = ts.ocdbt.dump(base).result()
+        versions = manifest.get("versions") or []
+        if not versions:
+            return None
+        latest = max(versions, key=lambda v: v["generation_number"])
+        location = latest["root"].get("location")
+        if latest.get("root_height") != 0 or not location:
+            return None
+        node = ts.ocdbt.dump(base, location).result()
+        if node.get("height") != 0:
+            return None
+        entries = {e["key"].decode(): e for e in node["entries"]}
+        out = {}
+        for leaf in layout.LEAVES:
+            name = ".".join(leaf.path)
+            meta = json.loads(entries[f"{name}/zarr.json"]["inline_value"])
+            shape = tuple(meta["shape"])
+            dtype = np_dtype(meta["data_type"])
+            simple = {"configuration": {"chunk_shape": list(shape), "codecs": [
+                {"configuration": {"endian": "little"}, "name": "bytes"}], "index_codecs": [
+                {"configuration": {"endian": "little"}, "name": "bytes"}, {"name": "crc32c"}]},
+                "name": "sharding_indexed"}
+            if (meta.get("chunk_grid") != {"configuration": {"chunk_shape": list(shape)}, "name": "regular"}
+                    or meta.get("codecs") != [simple] or meta.get("chunk_key_encoding") != {"name": "default"}):
+                return None
+            chunk = entries.get(f"{name}/c/" + "/".join("0" * len(shape)) if shape else f"{name}/c")
+            ref = chunk and chunk.get("indirect_value")
+            if not ref or not ref.startswith("value:"):
+                return None
+            where, value_offset, value_length = ref[len("value:"):].rsplit(":", 2)
+            base_path, _, rel = where.partition(":")
+            file = root / base_path / rel
+            value_offset, value_length = int(value_offset), int(value_length)
+            nbytes = math.prod(shape) * dtype.itemsize
+            index = np.zeros(2, "<u8")
+            if value_length != nbytes + 20 or not read_into(file, value_offset + nbytes, index):
+                return None
+            if (int(index[0]), int(index[1])) != (0, nbytes):  # the one inner chunk, at the start
+                return None
+            out[leaf.path] = _Raw(file, value_offset, nbytes, shape, dtype)
+        return out
+    except Exception:  # any surprise: orbax reads it instead
+        return None
 
 
 def _flat_keys(tree, prefix=()):

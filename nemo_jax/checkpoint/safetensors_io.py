@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -125,15 +127,22 @@ class SafetensorsFile:
         if out is None:
             out = np.empty(shape, e.dtype)
         assert out.shape == shape and out.dtype == e.dtype and out.flags.c_contiguous, (out.shape, shape)
-        buf = memoryview(out.reshape(-1).view(np.uint8))
-        with open(self.path, "rb", buffering=0) as f:
-            pos = 0
-            while pos < nbytes:
-                n = os.preadv(f.fileno(), [buf[pos:pos + _CHUNK]], offset + pos)
-                if n <= 0:
-                    raise self._error(f"truncated while reading tensor {name!r}")
-                pos += n
+        if not read_into(self.path, offset, out):
+            raise self._error(f"truncated while reading tensor {name!r}")
         return out
+
+
+def read_into(path: Path, offset: int, out: np.ndarray) -> bool:
+    """Fill the C-contiguous `out` with the file's bytes from `offset`; False if the file ends first."""
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as f:
+        pos = 0
+        while pos < len(buf):
+            n = os.preadv(f.fileno(), [buf[pos:pos + _CHUNK]], offset + pos)
+            if n <= 0:
+                return False
+            pos += n
+    return True
 
 
 class Writer:
@@ -141,10 +150,17 @@ class Writer:
 
     The header (names, dtypes, shapes, offsets) is fixed at construction, so each tensor can go
     straight to disk as it is produced.
+
+    With `background=True` a thread does the writing, so the disk writes (on a VM, mostly faulting
+    in fresh page-cache pages) overlap whatever produces the next block. `write` then only queues
+    its arrays: the caller must not modify them afterwards, except blocks taken from `block()`, a
+    small pool of buffers that come back once written. At most `depth` blocks wait in the queue.
+    An error in the thread is raised by the next `write` or by `close`; leaving the `with` block
+    always stops and joins the thread.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, background: bool = False, depth: int = 4):
         self.path = Path(path)
         header, offset = {}, 0
         if metadata:
@@ -160,9 +176,42 @@ class Writer:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned, as the library does
         self.nbytes = 8 + len(raw) + offset
-        self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._f = open(self.path, "wb", buffering=0)
+        self._put(memoryview(struct.pack("<Q", len(raw)) + raw))
         self._next = 0
+        self._thread, self._error, self._pool = None, None, None
+        if background:
+            self._queue = queue.Queue(maxsize=depth)
+            self._pool = queue.Queue()  # free buffers handed out by block()
+            self._pooled = 0
+            self._lent: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(block) -> (block, its buffer)
+            self._depth = depth
+            self._thread = threading.Thread(target=self._run, name=f"write {self.path.name}", daemon=True)
+            self._thread.start()
+
+    def block(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A C-contiguous buffer to fill and pass to `write` (background mode: reused once written)."""
+        dtype = np.dtype(dtype)
+        if self._pool is None:
+            return np.empty(shape, dtype)
+        n = math.prod(shape) * dtype.itemsize
+        if self._pooled < self._depth + 2:  # one queued per slot, one being written, one being filled
+            self._pooled += 1
+            buf = np.empty(n, np.uint8)
+        else:
+            buf = None
+            while buf is None:
+                self._check()
+                try:
+                    buf = self._pool.get(timeout=0.5)
+                except queue.Empty:
+                    pass
+            if buf.nbytes < n:
+                buf = None  # free the small one before allocating
+                buf = np.empty(n, np.uint8)
+        view = buf[:n].view(dtype).reshape(shape)
+        self._lent[id(view)] = (view, buf)
+        return view
 
     def write(self, name: str, parts: np.ndarray | Iterable[np.ndarray]) -> None:
         """Write the next tensor: an array, or its consecutive row blocks (each written as it comes)."""
@@ -173,16 +222,77 @@ class Writer:
             if name != want_name or x.dtype != want_dtype or x.shape[1:] != want_shape[1:]:
                 raise AssertionError(f"{self.path}: writing {name} {x.dtype} {x.shape}, expected "
                                      f"{self._expected[self._next]}")
-            self._f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
+            if not x.flags.c_contiguous:
+                x = np.ascontiguousarray(x)
+            if x.nbytes:
+                self._submit(x)
             rows += x.shape[0] if x.ndim else 1
         if rows != (want_shape[0] if want_shape else 1):
             raise AssertionError(f"{self.path}: wrote {rows} rows of {name}, expected {want_shape}")
         self._next += 1
 
+    def _submit(self, x: np.ndarray) -> None:
+        if self._thread is None:
+            self._put(memoryview(x.reshape(-1).view(np.uint8)))
+            return
+        while True:
+            self._check()
+            try:
+                self._queue.put(x, timeout=0.5)
+                return
+            except queue.Full:
+                pass
+
+    def _put(self, data: memoryview) -> None:
+        pos = 0
+        while pos < len(data):  # a raw write may write less than asked
+            pos += self._f.write(data[pos:pos + _CHUNK])
+
+    def _run(self) -> None:
+        while True:
+            x = self._queue.get()
+            try:
+                if x is None:
+                    return
+                if self._error is None:
+                    try:
+                        self._put(memoryview(x.reshape(-1).view(np.uint8)))
+                    except BaseException as e:  # reported by the producer; keep draining so it never blocks
+                        self._error = e
+                lent = self._lent.pop(id(x), None)
+                if lent is not None:
+                    self._pool.put(lent[1])
+                del x, lent
+            finally:
+                self._queue.task_done()
+
+    def drain(self) -> None:
+        """Wait until everything queued so far is written (so the caller may reuse those arrays)."""
+        if self._thread is not None:
+            self._queue.join()  # the thread marks every item done, after an error too
+            self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError(f"{self.path}: the writer thread stopped")
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)  # the thread always drains the queue, so this returns
+            self._thread.join()
+            self._thread = None
+
     def close(self) -> None:
         if self._next != len(self._expected):
             raise AssertionError(f"{self.path}: {len(self._expected) - self._next} tensors were not written")
-        self._f.close()
+        try:
+            self._stop()
+            if self._error is not None:
+                raise self._error
+        finally:
+            self._f.close()
 
     def __enter__(self):
         return self
@@ -191,4 +301,7 @@ class Writer:
         if exc_type is None:
             self.close()
         else:
-            self._f.close()
+            try:
+                self._stop()
+            finally:
+                self._f.close()
