@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -89,6 +90,53 @@ def test_conversion_in_small_blocks(sources, tmp_path, monkeypatch, block_bytes)
         jax.tree.map(np.testing.assert_array_equal, checkpoint.load(sources[src])[1], want[src])
         cli("export", sources["hf32"], tmp_path / src, "--format", src[:-2])
         assert_bit_exact(sources[src], tmp_path / src)
+
+
+def test_raw_leaf_reads_match_orbax(sources, tmp_path, monkeypatch):
+    """OrbaxSource reads leaves straight from orbax's data files; orbax itself must agree."""
+    from nemo_jax.checkpoint import orbax_io
+
+    cli("import", sources["hf16"], tmp_path / "ckpt")
+    raw = checkpoint.open_checkpoint(tmp_path / "ckpt")
+    assert raw._raw_location(layout.LEAVES[0]) is not None  # the fast path is taken for our own layout
+    monkeypatch.setattr(orbax_io, "_raw_locations", lambda params: None)
+    via_orbax = checkpoint.open_checkpoint(tmp_path / "ckpt")
+    for leaf in layout.LEAVES:
+        for dtype, layers in (("bfloat16", None), ("float32", None), ("bfloat16", slice(1, 2))):
+            if layers is not None and not leaf.stacked:
+                continue
+            a, b = raw.read_leaf(leaf, dtype, layers), via_orbax.read_leaf(leaf, dtype, layers)
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), leaf.key()
+    cli("export", tmp_path / "ckpt", tmp_path / "out", "--format", "hf")  # the fallback exports the same bytes
+    assert_bit_exact(sources["hf16"], tmp_path / "out")
+
+
+def test_background_writer_reports_errors_and_stops(tmp_path, monkeypatch):
+    entries = [("a", np.dtype(np.float32), (64, 4)), ("b", np.dtype(np.float32), (8,))]
+    arrays = {"a": np.arange(256, dtype=np.float32).reshape(64, 4), "b": np.ones(8, np.float32)}
+    with Writer(tmp_path / "bg.safetensors", entries, background=True, depth=1) as w:
+        def blocks():
+            for r0 in range(0, 64, 8):
+                blk = w.block((8, 4), np.float32)
+                blk[...] = arrays["a"][r0:r0 + 8]
+                yield blk
+        w.write("a", blocks())
+        w.write("b", arrays["b"])
+    f = SafetensorsFile(tmp_path / "bg.safetensors")
+    assert all(f.read(k).tobytes() == v.tobytes() for k, v in arrays.items())
+
+    def broken(self, data):
+        if self._thread is not None and threading.current_thread() is self._thread:
+            raise OSError("disk full")
+        return real(self, data)
+
+    real = Writer._put
+    monkeypatch.setattr(Writer, "_put", broken)
+    with pytest.raises(OSError, match="disk full"):
+        with Writer(tmp_path / "bad.safetensors", entries, background=True, depth=1) as w:
+            w.write("a", arrays["a"])
+            w.write("b", arrays["b"])
+    assert not [t for t in threading.enumerate() if t.name.startswith("write ")]  # joined
 
 
 def test_transformers_loads_the_hf_export(sources, tmp_path):

@@ -17,6 +17,7 @@ be sharded) in one go. Both produce the same layout.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -28,10 +29,9 @@ import numpy as np
 from orbax.checkpoint import v1 as ocp
 
 from nemo_jax.checkpoint import layout
-from nemo_jax.checkpoint.host import Scratch
 from nemo_jax.checkpoint.safetensors_io import read_into
 from nemo_jax.checkpoint.sources import Source, dtype_name, np_dtype, progress_bar
-from nemo_jax.checkpoint.staging import staged_output
+from nemo_jax.checkpoint.staging import staged_output, start_writeback_tree
 from nemo_jax.config import DTYPES, ModelConfig, read_json
 from nemo_jax.errors import UserError
 
@@ -142,20 +142,58 @@ class StreamingWriter:
 
 def import_checkpoint(source: Source, out: Path, dtype: str | None = None, force: bool = False,
                       progress: bool | None = False) -> ModelConfig:
-    """Convert any source to a nemo_jax checkpoint at `out`, one stacked leaf in memory at a time."""
+    """Convert any source to a nemo_jax checkpoint at `out`, at most two stacked leaves in memory.
+
+    A background thread saves leaf k while the main thread reads (and transposes) leaf k+1: on a
+    VM the saves mostly wait on fresh page-cache pages, so the two overlap well. Both live in one
+    buffer of 1.6x the largest leaf, allocated once (re-touching warm pages is much cheaper than
+    faulting in fresh ones); the leaves are ordered so that consecutive ones fit in it together
+    (largest, then the largest that fits beside it, ...), and where two do not, the read waits.
+    """
     config = source.config_for(dtype)
     dt = np_dtype(config.param_dtype)
-    sizes = [math.prod(layout.stacked_shape(leaf, config)) * dt.itemsize for leaf in layout.LEAVES]
-    buffer = Scratch()  # one leaf at a time, always in the same memory: sized for the largest up front
-    buffer.get((max(sizes),), np.uint8)
-    total = sum(sizes)
+    size = {leaf: math.prod(layout.stacked_shape(leaf, config)) * dt.itemsize for leaf in layout.LEAVES}
+    cap = max(size.values()) * 8 // 5
+    order, left = [], sorted(layout.LEAVES, key=lambda l: -size[l])
+    while left:
+        prev = size[order[-1]] if order else 0
+        pick = next((l for l in left if prev + size[l] <= cap), left[0])
+        order.append(pick)
+        left.remove(pick)
+    buffer = np.empty(cap, np.uint8)
+    total = sum(size.values())
     with staged_output(Path(out), force, protect=(source.path,)) as tmp, \
-            progress_bar(total, progress, "import") as bar:
-        writer = StreamingWriter(tmp, config)
-        for leaf in layout.LEAVES:
-            bar.set_postfix_str(leaf.key())
-            value = buffer.get(layout.stacked_shape(leaf, config), dt)
-            writer.add(leaf, source.read_leaf(leaf, config.param_dtype, on_bytes=bar.update, out=value))
+            progress_bar(total, progress, "import") as bar, \
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orbax save") as pool:
+        writer, flushed = StreamingWriter(tmp, config), set()
+
+        def save(leaf, value):
+            writer.add(leaf, value)
+            start_writeback_tree(tmp, flushed)  # the final fsync then has little left to write
+
+        pending, held = None, (0, 0)  # the save in flight and the bytes [a, b) of `buffer` it reads
+        try:
+            for leaf in order:
+                bar.set_postfix_str(leaf.key())
+                n = size[leaf]
+                if n <= held[0]:
+                    at = 0
+                elif cap - n >= held[1]:
+                    at = cap - n
+                else:  # does not fit beside the leaf being saved: wait for it
+                    pending.result()
+                    pending, held, at = None, (0, 0), 0
+                value = buffer[at:at + n].view(dt).reshape(layout.stacked_shape(leaf, config))
+                source.read_leaf(leaf, config.param_dtype, on_bytes=bar.update, out=value)
+                if pending is not None:
+                    pending.result()  # raises the save's error here
+                pending, held = pool.submit(save, leaf, value), (at, at + n)
+            pending.result()
+        except BaseException:
+            if pending is not None:
+                pending.cancel()
+                concurrent.futures.wait([pending])  # the save must be over before the directory goes
+            raise
         writer.finish()
     return config
 
@@ -227,7 +265,9 @@ class OrbaxSource(Source):
         target = out if (out is not None and out.dtype == raw.dtype and out.flags.c_contiguous) else None
         value = np.empty(shape, raw.dtype) if target is None else target
         assert value.shape == shape, (value.shape, shape)
-        if not read_into(raw.file, offset, value):
+        if raw.inline is not None:
+            value.reshape(-1).view(np.uint8)[...] = np.frombuffer(raw.inline, np.uint8)[offset:offset + value.nbytes]
+        elif not read_into(raw.file, offset, value):
             raise UserError(f"{raw.file}: truncated (tensor {leaf.key()!r})")
         return value if value.dtype == dt else value.astype(dt)
 
@@ -237,11 +277,12 @@ class OrbaxSource(Source):
 
 
 class _Raw(NamedTuple):
-    file: Path  # the data file holding the leaf's bytes, C order, little-endian
+    file: Path | None  # the data file holding the leaf's bytes, C order, little-endian
     offset: int
     nbytes: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    inline: bytes | None = None  # the bytes themselves, for a value small enough to sit in the tree (file None)
 
 
 def _raw_locations(params: Path) -> dict[layout.Path, _Raw] | None:
@@ -288,21 +329,29 @@ def _raw_locations(params: Path) -> dict[layout.Path, _Raw] | None:
             if (meta.get("chunk_grid") != {"configuration": {"chunk_shape": list(shape)}, "name": "regular"}
                     or meta.get("codecs") != [simple] or meta.get("chunk_key_encoding") != {"name": "default"}):
                 return None
-            chunk = entries.get(f"{name}/c/" + "/".join("0" * len(shape)) if shape else f"{name}/c")
-            ref = chunk and chunk.get("indirect_value")
-            if not ref or not ref.startswith("value:"):
-                return None
-            where, value_offset, value_length = ref[len("value:"):].rsplit(":", 2)
-            base_path, _, rel = where.partition(":")
-            file = root / base_path / rel
-            value_offset, value_length = int(value_offset), int(value_length)
+            chunk = entries.get(f"{name}/c/" + "/".join("0" * len(shape)) if shape else f"{name}/c") or {}
             nbytes = math.prod(shape) * dtype.itemsize
             index = np.zeros(2, "<u8")
-            if value_length != nbytes + 20 or not read_into(file, value_offset + nbytes, index):
-                return None
+            if "inline_value" in chunk:  # small values live in the tree itself
+                inline = chunk["inline_value"]
+                if len(inline) != nbytes + 20:
+                    return None
+                index[...] = np.frombuffer(inline[nbytes:nbytes + 16], "<u8")
+                raw = _Raw(None, 0, nbytes, shape, dtype, inline[:nbytes])
+            else:
+                ref = chunk.get("indirect_value")
+                if not ref or not ref.startswith("value:"):
+                    return None
+                where, value_offset, value_length = ref[len("value:"):].rsplit(":", 2)
+                base_path, _, rel = where.partition(":")
+                file = root / base_path / rel
+                value_offset, value_length = int(value_offset), int(value_length)
+                if value_length != nbytes + 20 or not read_into(file, value_offset + nbytes, index):
+                    return None
+                raw = _Raw(file, value_offset, nbytes, shape, dtype)
             if (int(index[0]), int(index[1])) != (0, nbytes):  # the one inner chunk, at the start
                 return None
-            out[leaf.path] = _Raw(file, value_offset, nbytes, shape, dtype)
+            out[leaf.path] = raw
         return out
     except Exception:  # any surprise: orbax reads it instead
         return None

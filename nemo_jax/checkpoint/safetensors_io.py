@@ -26,6 +26,7 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
+from nemo_jax.checkpoint.staging import start_writeback
 from nemo_jax.errors import UserError
 
 DTYPES = {
@@ -37,6 +38,7 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20  # the safetensors library's own limit
 _CHUNK = 1 << 30  # read in 1 GiB pieces (one read() returns at most ~2 GiB on Linux)
+_WRITEBACK = 64 << 20  # a background writer starts the disk writes every so many bytes
 
 
 class Entry:
@@ -177,9 +179,10 @@ class Writer:
         raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned, as the library does
         self.nbytes = 8 + len(raw) + offset
         self._f = open(self.path, "wb", buffering=0)
+        self._written = self._flushed = 0
+        self._thread, self._error, self._pool = None, None, None
         self._put(memoryview(struct.pack("<Q", len(raw)) + raw))
         self._next = 0
-        self._thread, self._error, self._pool = None, None, None
         if background:
             self._queue = queue.Queue(maxsize=depth)
             self._pool = queue.Queue()  # free buffers handed out by block()
@@ -247,6 +250,10 @@ class Writer:
         pos = 0
         while pos < len(data):  # a raw write may write less than asked
             pos += self._f.write(data[pos:pos + _CHUNK])
+        self._written += len(data)
+        if self._thread is not None and self._written - self._flushed >= _WRITEBACK:
+            start_writeback(self._f.fileno(), self._flushed, self._written - self._flushed)
+            self._flushed = self._written
 
     def _run(self) -> None:
         while True:
