@@ -10,8 +10,8 @@ Anything orbax can read opens `params/` on its own, e.g. `orbax.checkpoint.v1.lo
 abstract_tree)` with abstract arrays carrying shardings, so each device reads only its part.
 `model.param_dtype` matches the stored arrays.
 
-Import writes the leaves one at a time with orbax's partial save (one stacked tensor in memory at a
-time) and finalizes once at the end; `save_orbax` writes a tree that is already in memory (and may
+Import writes the leaves one at a time with orbax's partial save (at most two stacked tensors in
+memory: one being saved, the next being read) and finalizes once at the end; `save_orbax` writes a tree that is already in memory (and may
 be sharded) in one go. Both produce the same layout.
 """
 
