@@ -17,6 +17,7 @@ match); see nemo_jax/tool_eval.py.
 import argparse
 
 from nemo_jax.errors import cli_main
+from nemo_jax.runtime import tune_malloc
 
 
 @cli_main
@@ -30,6 +31,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
     p.add_argument("--tokenizer", default=None, help="tekken.json (default: NeMo's, or the run's)")
+    p.add_argument("--no-fp8", action="store_true",
+                   help="a QAT run: evaluate the unquantised model (default: simulate its FP8 deployment)")
     p.add_argument("--task", choices=["loss", "tool-calls"], default="loss",
                    help="loss: held-out loss/perplexity (default); tool-calls: generate and score each assistant turn")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tool-calls: tokens generated per turn (256)")
@@ -41,4 +44,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # First, before JAX exists: XLA's CPU buffers then reuse one malloc heap instead of page-faulting
+    # fresh mmaps every step (allocator parameters only; see nemo_jax/runtime.py).
+    tune_malloc()
     main()

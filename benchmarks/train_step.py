@@ -1,18 +1,22 @@
 """Full fine-tuning step throughput and MFU: nemo_jax against HF transformers + PyTorch AdamW.
 
     .venv/bin/python benchmarks/train_step.py [--preset quarter] [--batch 2] [--seq 256] [--rounds 6] [--steps 2]
-                                              [--malloc-tuning] [--torch-compile] [--json OUT]
+                                              [--jax-malloc tuned|default] [--torch-malloc default|tuned] [--scan-unroll N]
+                                              [--also-jax OPTIONS] [--torch-compile] [--json OUT]
 
 Same model (a NeMo-shaped decoder, fp32), same weights, same batch, same loss (mean next-token NLL
 over all B*T tokens) and same optimizer (AdamW, b=(0.9, 0.95), eps 1e-8, no weight decay,
 global-norm clipping at 1.0), in the same run, on the CPU this runs on:
 
     nemo_jax   train_loop.train_step (value_and_grad over the flax model, chunked-loss custom VJP,
-               optax clip + adamw), jitted with the state donated: exactly what train.py runs.
+               optax clip + adamw), jitted with the state donated, in a process with the glibc malloc
+               settings of nemo_jax/runtime.py applied first: exactly what train.py runs
+               (--jax-malloc default: glibc's defaults; --also-jax '--jax-malloc default' times both).
     PyTorch    transformers.MistralForCausalLM (attn_implementation "sdpa": the fastest PyTorch
                path on CPU, ~5x eager here), F.cross_entropy on its logits, loss.backward(),
                clip_grad_norm_(1.0), torch.optim.AdamW(fused=True) (the fastest on CPU), eager
-               (--torch-compile adds torch.compile); torch.set_num_threads(<cores>).
+               (--torch-compile adds torch.compile); torch.set_num_threads(<cores>); glibc malloc defaults
+               (--torch-malloc tuned gives it nemo_jax's settings).
 
 Default config ("quarter"): NeMo's proportions at a quarter of its width (dim 1280, head_dim 128,
 8 heads x 128 = 0.8 dim, GQA 4:1, FFN 2.8 x dim), 4 layers, the demo's 8192-token vocab; batch
@@ -60,9 +64,6 @@ PRESETS = {
     "small": dict(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1536),
     "demo": dict(vocab_size=8192, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=48, hidden_dim=384),
 }
-# One malloc arena, no mmap for big blocks, never trim: the allocator then reuses the same pages step
-# after step (glibc otherwise mmaps every block > 32 MiB afresh and page-faults all of it each step).
-MALLOC_TUNING = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 OPT = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 
 
@@ -147,7 +148,30 @@ def serve(args, step, gemms: dict, losses: list) -> None:
 # --- workers ----------------------------------------------------------------------------------------
 
 
+def set_malloc(how: str) -> None:
+    """`tuned`: nemo_jax.runtime.tune_malloc(), as train.py runs it (first thing, before JAX / torch
+    exist); `default`: glibc's defaults."""
+    if how == "tuned":
+        sys.path.insert(0, str(ROOT))
+        from nemo_jax.runtime import tune_malloc
+        assert tune_malloc(), "the malloc tuning did not apply"
+
+
+def patch_scan_unroll(unroll: int) -> None:
+    """--scan-unroll: every flax nn.scan (the model's layer scan) unrolled by this factor (an experiment
+    on the model's code, patched in this worker only)."""
+    import flax.linen as nn
+    scan = nn.scan
+
+    def unrolled(*a, **k):
+        k.setdefault("unroll", unroll)
+        return scan(*a, **k)
+
+    nn.scan = unrolled
+
+
 def jax_worker(args, cfg: dict, work: Path) -> None:
+    set_malloc(args.jax_malloc)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import functools
     from types import SimpleNamespace
@@ -161,6 +185,8 @@ def jax_worker(args, cfg: dict, work: Path) -> None:
     from nemo_jax import train_loop as TL
     from nemo_jax.config import ModelConfig
 
+    if args.scan_unroll:
+        patch_scan_unroll(args.scan_unroll)
     c = ModelConfig(max_seq_len=max(4096, args.seq), **cfg)
     tc = SimpleNamespace(steps=10**6, schedule="constant", warmup_steps=0, min_lr_ratio=0.1, **OPT)
     opt = TL.make_optimizer(tc)
@@ -202,6 +228,7 @@ def jax_worker(args, cfg: dict, work: Path) -> None:
 
 
 def torch_worker(args, cfg: dict, work: Path) -> None:
+    set_malloc(args.torch_malloc)
     import numpy as np
     import torch
     import transformers
@@ -328,9 +355,17 @@ def main() -> None:
                          "machine to go idle (0: don't)")
     ap.add_argument("--quiet", type=float, default=0.2,
                     help="a step is 'quiet' when the rest of the machine used fewer cores than this meanwhile")
-    ap.add_argument("--malloc-tuning", action="store_true",
-                    help=f"run both workers with GLIBC_TUNABLES={MALLOC_TUNING}: big buffers stay in the heap and "
-                         "are reused, instead of fresh mmaps that page-fault on every step")
+    ap.add_argument("--jax-malloc", default="tuned", choices=("tuned", "default"),
+                    help="tuned (default): the glibc malloc settings train.py runs with (nemo_jax/runtime.py: one "
+                         "heap, reused step after step, instead of fresh mmaps that page-fault on every step); "
+                         "default: glibc's defaults")
+    ap.add_argument("--torch-malloc", default="default", choices=("tuned", "default"),
+                    help="the same choice for the PyTorch worker (default: glibc's, what HF+PyTorch users get)")
+    ap.add_argument("--scan-unroll", type=int, default=0,
+                    help="experiment: unroll nemo_jax's layer scan by this factor (patched in the worker)")
+    ap.add_argument("--also-jax", action="append", default=[], metavar="OPTIONS",
+                    help="also time a nemo_jax worker with these options appended (e.g. '--jax-malloc default' or "
+                         "'--scan-unroll 4'), interleaved with the others in the same rounds (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -358,17 +393,20 @@ def main() -> None:
         np.savez(work / "batch.npz", tokens=ids[:, :-1].astype(np.int32), targets=ids[:, 1:].astype(np.int32))
         base = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--work", str(work), "--worker"]
         t0 = time.perf_counter()
-        env = {"GLIBC_TUNABLES": MALLOC_TUNING} if args.malloc_tuning else None
-        jw = Worker("jax", base + ["jax"], env)  # writes params.npz before torch reads it
-        tw = Worker("torch", base + ["torch"], env)
-        print(f"workers ready in {time.perf_counter() - t0:.0f}s (jax compile {jw.info['compile_s']:.1f}s); "
-              f"first-step loss: nemo_jax {jw.info['first_loss']:.6f}, PyTorch {tw.info['first_loss']:.6f}",
-              flush=True)
+        jw = Worker("jax", base + ["jax"])  # writes params.npz before torch reads it
+        tw = Worker("torch", base + ["torch"])
         workers = {"jax": jw, "torch": tw}
-        steps = {"jax": [], "torch": []}
-        peaks = {"jax": {}, "torch": {}}
+        for i, opts in enumerate(args.also_jax):  # variants: the same worker with these options appended
+            workers[f"jax{i + 2}"] = Worker(f"jax{i + 2}", base[:-3] + shlex.split(opts) + base[-3:] + ["jax"])
+        print(f"workers ready in {time.perf_counter() - t0:.0f}s (jax compile {jw.info['compile_s']:.1f}s); "
+              f"first-step loss: nemo_jax {jw.info['first_loss']:.6f}, PyTorch {tw.info['first_loss']:.6f}"
+              + "".join(f", {n} {w.info['first_loss']:.6f}" for n, w in workers.items() if n not in ("jax", "torch")),
+              flush=True)
+        names = list(workers)
+        steps = {n: [] for n in names}
+        peaks = {n: {} for n in names}
         for r in range(args.rounds):
-            order = ["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]
+            order = names[r % len(names):] + names[:r % len(names)]  # each worker goes first in turn
             line = []
             for name in order:
                 got = workers[name].ask("peak")["peak"]
@@ -397,17 +435,18 @@ def main() -> None:
     print("fp32 matmul peak, GFLOP/s (best over rounds; m x k x n)")
     shapes = list(peaks["jax"])
     print(f"  {'':8s}" + "".join(f"{s:>17s}" for s in shapes))
-    for name in ("jax", "torch"):
+    for name in names:
         print(f"  {name:8s}" + "".join(f"{peaks[name][s] / 1e9:17.1f}" for s in shapes))
-    print(f"  machine peak = the higher of the two = {machine_peak / 1e9:.1f} GFLOP/s "
+    print(f"  machine peak = the highest of these = {machine_peak / 1e9:.1f} GFLOP/s "
           f"(JAX {peak['jax'] / 1e9:.1f}, PyTorch {peak['torch'] / 1e9:.1f})")
     print()
     print(f"{'':26s}{'step s:':>8s}{'best':>7s}{'median':>8s}{'IQR%':>6s}{'quiet':>14s}"
           f"{'tokens/s':>10s}{'GFLOP/s':>9s}{'MFU':>7s}{'MFU own':>8s}{'CPU-s':>7s}{'faults':>8s}"
           f"{'loss@1':>10s}{'loss@end':>10s}")
     label = {"jax": "nemo_jax (JAX/XLA)",
-             "torch": f"HF+PyTorch ({args.torch_attn}{', compiled' if args.torch_compile else ''})"}
-    for name in ("jax", "torch"):
+             "torch": f"HF+PyTorch ({args.torch_attn}{', compiled' if args.torch_compile else ''})",
+             **{f"jax{i + 2}": f"nemo_jax {opts}"[:33] for i, opts in enumerate(args.also_jax)}}
+    for name in names:
         s = summary(steps[name], args.quiet)
         tps = B * T / s["best"]
         fl = fpt * tps
@@ -434,6 +473,11 @@ def main() -> None:
     print(f"nemo_jax / PyTorch tokens/s: {ratio:.2f}x best, {ratio_med:.2f}x median"
           + (f", {ratio_q:.2f}x quiet median" if ratio_q else "")
           + f"   (goal >= 1.1x: {'met' if ratio >= 1.1 else 'NOT met'})")
+    for i, opts in enumerate(args.also_jax):
+        fv = res["frameworks"][f"jax{i + 2}"]
+        print(f"  variant jax{i + 2} ({opts}): {fv['tokens_per_s'] / ft['tokens_per_s']:.2f}x best, "
+              f"{ft['median'] / fv['median']:.2f}x median vs PyTorch; its median step / nemo_jax's: "
+              f"{fv['median'] / fj['median']:.3f}, MFU {100 * fv['mfu']:.1f}% best step")
     print(f"nemo_jax MFU vs machine peak: {100 * fj['mfu']:.1f}% best step, "
           f"{100 * fj['mfu'] * fj['best'] / fj['median']:.1f}% median step   (goal >= 70%: "
           f"{'met' if fj['mfu'] >= 0.7 else 'NOT met'})")
@@ -442,7 +486,8 @@ def main() -> None:
     print(f"the machine was busy {load:.2f} of {n_cores()} cores on average during the run (this benchmark included; "
           f"it runs one worker at a time); {args.rounds} rounds x {args.steps} steps, interleaved, "
           f"each started after waiting <= {args.wait_idle:.0f}s for an idle machine")
-    print(f"{fj['version']}; {ft['version']}")
+    print(f"{fj['version']}; {ft['version']}; malloc: nemo_jax {args.jax_malloc} (train.py: tuned), "
+          f"PyTorch {args.torch_malloc}")
     print(f"command: {command}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
