@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--recipe", default="delayed", choices=("delayed", "current"))
+    ap.add_argument("--forward-only", action="store_true", help="QAT with fp8.quantize_grads=false")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench_fp8"))
     args = ap.parse_args()
     out = ROOT / args.out
@@ -70,7 +71,8 @@ def main():
           "--set", "train.eval_every=0", "--set", "checkpoint.every=0", "--set", "data.eval=[]"]
     run("train.py", *ft, "--set", f"output_dir={args.out / 'control'}")
     run("train.py", *ft, "--set", f"output_dir={args.out / 'qat'}", "--set", "fp8.enabled=true",
-        "--set", f"fp8.recipe={args.recipe}", "--set", "fp8.amax_history=16")
+        "--set", f"fp8.recipe={args.recipe}", "--set", "fp8.amax_history=16",
+        "--set", f"fp8.quantize_grads={str(not args.forward_only).lower()}")
     export_fp8(base, out / "base_fp8", calibrate=True)
     export_fp8(out / "control", out / "control_fp8", calibrate=True)
     export_fp8(out / "qat", out / "qat_fp8", calibrate=False)
@@ -95,7 +97,8 @@ def main():
     if ptq_gap > 0:
         print(f"recovered: {100 * (1 - qat_gap / ptq_gap):.0f}% of the PTQ gap")
     (out / "results.json").write_text(json.dumps({"rows": rows, "ptq_gap": ptq_gap, "qat_gap": qat_gap,
-                                                  "steps": args.steps, "lr": args.lr, "recipe": args.recipe},
+                                                  "steps": args.steps, "lr": args.lr, "recipe": args.recipe,
+                                                  "forward_only": args.forward_only},
                                                  indent=2) + "\n")
 
 

@@ -433,6 +433,7 @@ class Fp8Section(_Section):
     targets: tuple[str, ...] = _field(FP8_DEFAULT_TARGETS, choices=FP8_TARGETS, item="target")
     shared_scales: bool = True
     store_base: bool = False
+    quantize_grads: bool = True
 
     def _validate(self):
         _check_list(self, "targets", allow_empty=False)

@@ -40,7 +40,7 @@ def fp8_spec(cfg) -> F8.Fp8Spec | None:
     if not f.enabled:
         return None
     return F8.Fp8Spec(recipe=f.recipe, amax_history=f.amax_history, margin=f.margin, targets=tuple(f.targets),
-                      shared_scales=f.shared_scales, base_fp8=f.store_base)
+                      shared_scales=f.shared_scales, base_fp8=f.store_base, quantize_grads=f.quantize_grads)
 
 
 def fp8_eval_spec(spec: F8.Fp8Spec | None) -> F8.Fp8Spec | None:

@@ -386,3 +386,33 @@ def test_qat_resume_is_exact(tmp_path):
     a, b = load_run_fp8(tmp_path / "full")[1], load_run_fp8(tmp_path / "part")[1]
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert float(np.asarray(a["layers"]["mlp"]["up"]["g"]["amax_history"]).min()) > 0  # 4 steps in the window
+
+
+def test_forward_only_qat_leaves_gradients_unrounded(tmp_path):
+    """fp8.quantize_grads=false: the forward is the FP8 deployment's, the backward is plain."""
+    params = M.init_params(CFG, jax.random.key(0))["params"]
+    batch = make_batch()
+    fwd = F8.Fp8Spec(amax_history=4, quantize_grads=False)
+    state = M.init_fp8(CFG, fwd, None)[0]
+    q = state["layers"]["attention"]["q"]
+    assert "x" in q and "g" not in q  # no e5m2 state to carry or checkpoint
+    full = F8.Fp8Spec(amax_history=4)
+
+    def grads(spec, fp8_state):
+        step_spec = TL.StepSpec(CFG, None, "none", 1, 16, spec)
+        st = TL.init_state(params, optax.sgd(1.0), 0, fp8_state)
+        new, _ = jax.jit(functools.partial(TL.train_step, step_spec, optax.sgd(1.0)))(st, None, batch)
+        return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                            params, new["trainable"])
+
+    # same step from the same state: the only difference is the e5m2 rounding of dy (scale 1 at step 0)
+    g_fwd = grads(fwd, state)
+    g_full = grads(full, M.init_fp8(CFG, full, None)[0])
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_fwd), jax.tree.leaves(g_full)))
+    assert diff > 0
+    # and through the config: a forward-only QAT run trains, and its checkpointed state has no g sites
+    train(tmp_path / "fo", "fp8.enabled=true", "fp8.quantize_grads=false", "fp8.amax_history=4", "train.steps=2")
+    from nemo_jax.trainer import load_run_fp8
+
+    st = load_run_fp8(tmp_path / "fo")[1]
+    assert "g" not in st["layers"]["mlp"]["up"] and float(np.asarray(st["layers"]["mlp"]["up"]["x"]["scale"]).max()) != 1.0
