@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenizer.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/fp8_qat.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
