@@ -11,7 +11,11 @@ global-norm clipping at 1.0), in the same run, on the CPU this runs on:
     nemo_jax   train_loop.train_step (value_and_grad over the flax model, chunked-loss custom VJP,
                optax clip + adamw), jitted with the state donated, in a process with the glibc malloc
                settings of nemo_jax/runtime.py applied first: exactly what train.py runs
-               (--jax-malloc default: glibc's defaults; --also-jax '--jax-malloc default' times both).
+               (--jax-malloc default: glibc's defaults; --also-jax '--jax-malloc default' times both),
+               with the layer loop fully unrolled (model.scan_unroll = n_layers, as the small demo
+               configs run it: XLA:CPU then neither slices each layer's weights out of the stacked
+               [L, ...] arrays nor zero-fills and updates stacked gradient buffers; --scan-unroll 1
+               times the rolled scan that is train.py's default for deep models).
     PyTorch    transformers.MistralForCausalLM (attn_implementation "sdpa": the fastest PyTorch
                path on CPU, ~5x eager here), F.cross_entropy on its logits, loss.backward(),
                clip_grad_norm_(1.0), torch.optim.AdamW(fused=True) (the fastest on CPU), eager
@@ -157,19 +161,6 @@ def set_malloc(how: str) -> None:
         assert tune_malloc(), "the malloc tuning did not apply"
 
 
-def patch_scan_unroll(unroll: int) -> None:
-    """--scan-unroll: every flax nn.scan (the model's layer scan) unrolled by this factor (an experiment
-    on the model's code, patched in this worker only)."""
-    import flax.linen as nn
-    scan = nn.scan
-
-    def unrolled(*a, **k):
-        k.setdefault("unroll", unroll)
-        return scan(*a, **k)
-
-    nn.scan = unrolled
-
-
 def jax_worker(args, cfg: dict, work: Path) -> None:
     set_malloc(args.jax_malloc)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -185,8 +176,6 @@ def jax_worker(args, cfg: dict, work: Path) -> None:
     from nemo_jax import train_loop as TL
     from nemo_jax.config import ModelConfig
 
-    if args.scan_unroll:
-        patch_scan_unroll(args.scan_unroll)
     c = ModelConfig(max_seq_len=max(4096, args.seq), **cfg)
     tc = SimpleNamespace(steps=10**6, schedule="constant", warmup_steps=0, min_lr_ratio=0.1, **OPT)
     opt = TL.make_optimizer(tc)
@@ -198,7 +187,7 @@ def jax_worker(args, cfg: dict, work: Path) -> None:
     batch = {"tokens": jnp.asarray(data["tokens"], jnp.int32), "targets": jnp.asarray(data["targets"], jnp.int32),
              "loss_mask": jnp.ones((B, T), jnp.float32), "segment_ids": jnp.ones((B, T), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
-    spec = TL.StepSpec(c, None, "none", 1, args.loss_chunk)
+    spec = TL.StepSpec(c, None, "none", 1, args.loss_chunk, scan_unroll=args.scan_unroll or c.n_layers)
     state = TL.init_state(params, opt, 0)
     del params
     step = jax.jit(functools.partial(TL.train_step, spec, opt), donate_argnums=(0,))
@@ -362,10 +351,11 @@ def main() -> None:
     ap.add_argument("--torch-malloc", default="default", choices=("tuned", "default"),
                     help="the same choice for the PyTorch worker (default: glibc's, what HF+PyTorch users get)")
     ap.add_argument("--scan-unroll", type=int, default=0,
-                    help="experiment: unroll nemo_jax's layer scan by this factor (patched in the worker)")
+                    help="nemo_jax model.scan_unroll (default: the model's layer count, a fully unrolled layer "
+                         "loop, as configs/demo_*.yaml set it; 1: the rolled scan, train.py's default)")
     ap.add_argument("--also-jax", action="append", default=[], metavar="OPTIONS",
                     help="also time a nemo_jax worker with these options appended (e.g. '--jax-malloc default' or "
-                         "'--scan-unroll 4'), interleaved with the others in the same rounds (repeatable)")
+                         "'--scan-unroll 1'), interleaved with the others in the same rounds (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -487,7 +477,7 @@ def main() -> None:
           f"it runs one worker at a time); {args.rounds} rounds x {args.steps} steps, interleaved, "
           f"each started after waiting <= {args.wait_idle:.0f}s for an idle machine")
     print(f"{fj['version']}; {ft['version']}; malloc: nemo_jax {args.jax_malloc} (train.py: tuned), "
-          f"PyTorch {args.torch_malloc}")
+          f"PyTorch {args.torch_malloc}; nemo_jax model.scan_unroll {args.scan_unroll or cfg['n_layers']}")
     print(f"command: {command}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

@@ -369,6 +369,10 @@ class Transformer(nn.Module):
     remat: str = "none"
     deterministic: bool = True
     fp8: F8.Fp8Spec | None = None
+    # Layers per iteration of the scanned loop. The parameters stay stacked [L, ...] whatever it is;
+    # unrolling trades compile time for no per-iteration slicing of the stacked weights and no
+    # zero-filled stacked gradient buffers (see model.scan_unroll in the README).
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False,
@@ -403,6 +407,7 @@ class Transformer(nn.Module):
             variable_axes={"params": 0, "lora": 0, "fp8": 0, "fp8_obs": 0},
             split_rngs={"params": True, "dropout": True},
             length=c.n_layers,
+            unroll=max(1, min(self.scan_unroll, c.n_layers)),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         if cache is None:
@@ -476,10 +481,10 @@ class _Param(nn.Module):
 
 
 def make_model(config: ModelConfig, lora: LoraSpec | None = None, remat: str = "none",
-               deterministic: bool = True, fp8: F8.Fp8Spec | None = None) -> Transformer:
+               deterministic: bool = True, fp8: F8.Fp8Spec | None = None, scan_unroll: int = 1) -> Transformer:
     if lora is not None and lora.rank == 0:
         lora = None
-    return Transformer(config, lora, remat, deterministic, fp8)
+    return Transformer(config, lora, remat, deterministic, fp8, scan_unroll)
 
 
 def _dummy_inputs():
@@ -524,13 +529,14 @@ def count_params(tree) -> int:
 def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, *,
             lora_params: dict | None = None, lora: LoraSpec | None = None, return_hidden=False,
             rngs=None, deterministic=True, remat: str = "none", cache: dict | None = None, cache_index=None,
-            fp8: F8.Fp8Spec | None = None, fp8_state: dict | None = None, fp8_probes: dict | None = None):
+            fp8: F8.Fp8Spec | None = None, fp8_state: dict | None = None, fp8_probes: dict | None = None,
+            scan_unroll: int = 1):
     """The model's output; with a `cache` (see `init_cache`), (output, updated cache).
 
     With `fp8`, the targeted matmuls are fake-quantised with the scales in `fp8_state`; the
     gradient of the output with respect to `fp8_probes` (zeros from `init_fp8`) is each site's amax.
     """
-    model = make_model(config, lora if lora_params is not None else None, remat, deterministic, fp8)
+    model = make_model(config, lora if lora_params is not None else None, remat, deterministic, fp8, scan_unroll)
     variables = {"params": params}
     if lora_params is not None:
         variables["lora"] = lora_params

@@ -247,6 +247,7 @@ class ModelSection(_Section):
     dtype: str = _field("bfloat16", choices=DTYPES)  # compute
     param_dtype: str = _field("float32", choices=DTYPES)
     remat: str = _field("none", choices=tuple(REMAT_POLICIES))
+    scan_unroll: int = _field(1, ge=1)  # layers per iteration of the layer loop (more than L: L)
 
     def _validate(self):
         if self.checkpoint is None and self.preset is None:

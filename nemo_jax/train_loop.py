@@ -93,6 +93,7 @@ class StepSpec:
     n_micro: int
     loss_chunk: int
     fp8: F8.Fp8Spec | None = None
+    scan_unroll: int = 1
 
     @property
     def dropout(self) -> bool:
@@ -109,7 +110,7 @@ def loss_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8
         spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
         lora_params=lora_params, lora=spec.lora, return_hidden=True,
         rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat,
-        fp8=spec.fp8, fp8_state=fp8_state, fp8_probes=fp8_probes)
+        fp8=spec.fp8, fp8_state=fp8_state, fp8_probes=fp8_probes, scan_unroll=spec.scan_unroll)
     total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
                             jnp.dtype(spec.config.dtype))
     return total, token_count(batch["loss_mask"])
@@ -162,7 +163,7 @@ def eval_sums(spec: StepSpec, params, lora_params, batch, fp8_state=None):
         lora_params = None
     hidden, head = M.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                              lora_params=lora_params, lora=spec.lora, return_hidden=True,
-                             fp8=spec.fp8, fp8_state=fp8_state)
+                             fp8=spec.fp8, fp8_state=fp8_state, scan_unroll=spec.scan_unroll)
     total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
                             jnp.dtype(spec.config.dtype))
     return total, token_count(batch["loss_mask"])

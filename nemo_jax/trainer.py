@@ -133,7 +133,8 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
     tc = cfg.train
     spec_lora = lora_spec(cfg)
     n_micro = TL.n_micro(tc.batch_size, tc.micro_batch_size)
-    step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk, fp8_spec(cfg))
+    step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk, fp8_spec(cfg),
+                            cfg.model.scan_unroll)
     opt = TL.make_optimizer(tc)
     axes = M.logical_axes(config, spec_lora)
     abstract = M.abstract_variables(config, spec_lora)

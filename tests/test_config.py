@@ -129,6 +129,8 @@ CASES = {
     "preset": (BASE.replace("preset: tiny", "preset: tiy"), "c.yaml:3: model.preset: expected one of "),
     "remat": (BASE.replace("dtype: float32", "dtype: float32\n  remat: everything"),
               "c.yaml:5: model.remat: expected one of none, full"),
+    "scan_unroll": (BASE.replace("dtype: float32", "dtype: float32\n  scan_unroll: 0"),
+                    "c.yaml:5: model.scan_unroll: must be >= 1, got 0"),
     "unknown target": (BASE + "lora:\n  targets:\n    - q\n    - qq\n",
                        "c.yaml:16: lora.targets: unknown target 'qq' (choose from q, k, v, o, gate, up, down) — "
                        "did you mean q?"),
