@@ -99,8 +99,8 @@ def main():
     if ptq_gap > 0:
         print(f"recovered: {100 * (1 - qat_gap / ptq_gap):.0f}% of the PTQ gap "
               f"(own gap: {100 * (1 - own / ptq_gap):.0f}% smaller than the control's)")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "ptq_gap": ptq_gap, "qat_gap": qat_gap, "qat_own_gap": own,
-                                                  "steps": args.steps, "lr": args.lr, "recipe": args.recipe,
+    (out / "results.json").write_text(json.dumps({"rows": rows, "ptq_gap": ptq_gap, "qat_gap": qat_gap,
+                                                  "qat_own_gap": own, "steps": args.steps, "lr": args.lr, "recipe": args.recipe,
                                                   "forward_only": args.forward_only},
                                                  indent=2) + "\n")
 

@@ -187,7 +187,7 @@ def jax_worker(args, cfg: dict, work: Path) -> None:
     batch = {"tokens": jnp.asarray(data["tokens"], jnp.int32), "targets": jnp.asarray(data["targets"], jnp.int32),
              "loss_mask": jnp.ones((B, T), jnp.float32), "segment_ids": jnp.ones((B, T), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
-    spec = TL.StepSpec(c, None, "none", 1, args.loss_chunk, scan_unroll=args.scan_unroll or c.n_layers)
+    spec = TL.StepSpec(c, None, "none", 1, args.loss_chunk, scan_unroll=args.scan_unroll)
     state = TL.init_state(params, opt, 0)
     del params
     step = jax.jit(functools.partial(TL.train_step, spec, opt), donate_argnums=(0,))
@@ -364,6 +364,7 @@ def main() -> None:
     cfg = dict(PRESETS[args.preset])
     if args.layers:
         cfg["n_layers"] = args.layers
+    args.scan_unroll = args.scan_unroll or cfg["n_layers"]  # workers parse the same argv and get the same value
 
     if args.worker:
         (jax_worker if args.worker == "jax" else torch_worker)(args, cfg, args.work)
@@ -477,7 +478,7 @@ def main() -> None:
           f"it runs one worker at a time); {args.rounds} rounds x {args.steps} steps, interleaved, "
           f"each started after waiting <= {args.wait_idle:.0f}s for an idle machine")
     print(f"{fj['version']}; {ft['version']}; malloc: nemo_jax {args.jax_malloc} (train.py: tuned), "
-          f"PyTorch {args.torch_malloc}; nemo_jax model.scan_unroll {args.scan_unroll or cfg['n_layers']}")
+          f"PyTorch {args.torch_malloc}; nemo_jax model.scan_unroll {args.scan_unroll}")
     print(f"command: {command}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

@@ -21,6 +21,7 @@ Re-running the same command resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -227,8 +228,10 @@ def latest_step(run_dir: Path) -> int | None:
 _PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12}
 
 
+@functools.cache
 def peak_flops_per_device() -> float:
-    """bf16 dense peak of the accelerator; on CPU the fp32 matmul rate measured here and now."""
+    """bf16 dense peak of the accelerator; on CPU the fp32 matmul rate measured here, once per process
+    (the measurement takes ~1.5 s)."""
     dev = jax.devices()[0]
     kind = dev.device_kind.lower()
     for name, peak in _PEAK_FLOPS.items():
