@@ -105,6 +105,35 @@ def test_unrolled_layer_loop_trains_the_same():
     assert loops(CFG.n_layers) == loops(1) - 2
 
 
+@pytest.mark.parametrize("weight_decay,clip", [(0.1, 0.05), (0.0, None)])
+def test_fused_adamw_equals_optax_chain(weight_decay, clip):
+    """make_optimizer's fused AdamW is optax's clip_by_global_norm -> adamw(mask=no decay on norms)."""
+    tc = train_cfg(lr=1e-2, schedule="cosine", warmup_steps=2, steps=6, weight_decay=weight_decay, grad_clip=clip)
+    parts = [optax.clip_by_global_norm(clip)] if clip else []
+    ref = optax.chain(*parts, optax.adamw(TL.lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
+                                          weight_decay=weight_decay, mask=TL.decay_mask))
+    ours = TL.make_optimizer(tc)
+    params = M.init_params(CFG, jax.random.key(0))["params"]
+    p_ref, s_ref, p_ours, s_ours = params, ref.init(params), params, ours.init(params)
+    for i in range(5):  # gradients of varying size: clipping is active in some steps only
+        g = jax.tree.map(lambda x: (x + 0.01) * (0.3 + i) * ((-1) ** i), params)
+        u, s_ref = ref.update(g, s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u)
+        u, s_ours = jax.jit(ours.update)(g, s_ours, p_ours)
+        p_ours = optax.apply_updates(p_ours, u)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), p_ours, p_ref)
+    mu_ref = s_ref[-1][0].mu
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-9), s_ours.mu, mu_ref)
+    assert int(s_ours.count) == 5
+    # the norms' scales were not decayed: with decay they would differ from a no-decay run
+    if weight_decay:
+        nodecay = TL.make_optimizer(train_cfg(lr=1e-2, schedule="cosine", warmup_steps=2, steps=6, grad_clip=clip))
+        u_nd, _ = nodecay.update(g, s_ours._replace(count=s_ours.count - 1), p_ours)
+        u_d, _ = ours.update(g, s_ours._replace(count=s_ours.count - 1), p_ours)
+        np.testing.assert_array_equal(u_nd["final_norm"]["scale"], u_d["final_norm"]["scale"])
+        assert not np.array_equal(u_nd["lm_head"]["kernel"], u_d["lm_head"]["kernel"])
+
+
 def test_lora_trains_only_adapters():
     spec = M.LoraSpec(rank=4, alpha=8.0, targets=("q", "v", "down"))
     params = M.init_params(CFG, jax.random.key(0))["params"]
