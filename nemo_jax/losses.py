@@ -12,6 +12,11 @@ are kept for the backward pass, so the logits are computed once instead of being
 and the target gather never becomes a scatter into a [B, chunk, V] gradient. The backward pass
 scales them by the incoming cotangent. Without differentiation (evaluation) only the loss is computed.
 
+`chunked_kl_sum` is the same machinery for distillation (FP8 quantisation-aware distillation): the
+target is the teacher's next-token distribution instead of the one-hot target, so d loss / d logits
+= mask * (softmax - teacher probabilities), and the teacher's logits are computed chunk by chunk
+alongside the student's.
+
 Losses are returned as sums with their token counts, so gradient accumulation and data-parallel
 shards combine exactly (token-weighted), whatever the number of trained tokens per micro-batch.
 """
@@ -38,6 +43,29 @@ def chunked_nll_sum(hidden, head, targets, mask, chunk: int, dtype=jnp.float32):
     ts = targets.reshape(B, n, chunk).swapaxes(0, 1).astype(jnp.int32)
     ms = mask.reshape(B, n, chunk).swapaxes(0, 1).astype(jnp.float32)
     return _nll_sum(jnp.dtype(dtype), hs, head, ts, ms)
+
+
+def _chunks(x, chunk: int, n: int):
+    """[B, T, ...] -> [n, B, chunk, ...], T padded with zeros to n * chunk."""
+    B, T = x.shape[:2]
+    pad = n * chunk - T
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape((B, n, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+
+def chunked_kl_sum(hidden, head, teacher_hidden, teacher_head, mask, chunk: int, dtype=jnp.float32):
+    """Sum over masked positions of KL(teacher || student) between next-token distributions.
+
+    hidden/teacher_hidden [B, T, D], head/teacher_head [D, V], mask [B, T]. The teacher gets no
+    gradient. Padding chunks carry mask 0 and add nothing.
+    """
+    T = hidden.shape[1]
+    chunk = max(1, min(chunk, T))
+    n = -(-T // chunk)
+    hs, ths = _chunks(hidden, chunk, n), _chunks(teacher_hidden, chunk, n)
+    ms = _chunks(mask.astype(jnp.float32), chunk, n)
+    return _kl_sum(jnp.dtype(dtype), hs, head, jax.lax.stop_gradient(ths), jax.lax.stop_gradient(teacher_head), ms)
 
 
 def _logits(h, head, dtype):
@@ -101,6 +129,60 @@ def _nll_sum_bwd(dtype, res, g):
 
 
 _nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
+
+
+def _chunk_kl(logits, teacher_logits):
+    """Per-token KL(teacher || student) [B, c], the student's log-partition and the teacher's probabilities."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    t_logp = jax.nn.log_softmax(teacher_logits, axis=-1)
+    t_p = jnp.exp(t_logp)
+    kl = jnp.sum(t_p * (t_logp - (logits - lse[..., None])), axis=-1)
+    return kl, lse, t_p
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kl_sum(dtype, hs, head, ths, t_head, ms):
+    def body(total, xs):
+        h, th, m = xs
+        kl, _, _ = _chunk_kl(_logits(h, head, dtype), _logits(th, t_head, dtype))
+        return total + jnp.sum(kl * m), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ths, ms))
+    return total
+
+
+def _kl_sum_fwd(dtype, hs, head, ths, t_head, ms):
+    head_c, t_head_c = head.astype(dtype), t_head.astype(dtype)
+
+    def chunk(total, dhead, h, th, m):
+        h_c = h.astype(dtype)
+        logits = _logits(h_c, head_c, dtype)
+        kl, lse, t_p = _chunk_kl(logits, _logits(th, t_head_c, dtype))
+        dlogits = (jnp.exp(logits - lse[..., None]) - t_p) * m[..., None]
+        dh = jnp.einsum("BcV,DV->BcD", dlogits, head_c.astype(jnp.float32))
+        dhead_c = jnp.einsum("BcD,BcV->DV", h_c.astype(jnp.float32), dlogits)
+        return total + jnp.sum(kl * m), dhead_c if dhead is None else dhead + dhead_c, dh
+
+    total, dhead, dh = chunk(jnp.zeros((), jnp.float32), None, hs[0], ths[0], ms[0])
+    dhs = dh[None]
+    if hs.shape[0] > 1:
+        def body(carry, xs):
+            total, dhead, dh = chunk(*carry, *xs)
+            return (total, dhead), dh
+
+        (total, dhead), rest = jax.lax.scan(body, (total, dhead), (hs[1:], ths[1:], ms[1:]))
+        dhs = jnp.concatenate([dhs, rest])
+    return total, (dhs, dhead, jnp.zeros((0,), hs.dtype), jnp.zeros((0,), head.dtype))
+
+
+def _kl_sum_bwd(dtype, res, g):
+    dhs, dhead, h_like, head_like = res
+    dhs = (g * dhs).astype(dtype).astype(h_like.dtype)
+    dhead = (g * dhead).astype(dtype).astype(head_like.dtype)
+    return dhs, dhead, None, None, None  # the teacher and the mask get no gradient
+
+
+_kl_sum.defvjp(_kl_sum_fwd, _kl_sum_bwd)
 
 
 def token_count(mask):

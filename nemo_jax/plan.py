@@ -56,7 +56,7 @@ def dry_run(cfg, device_memory: int | None = None) -> dict:
     mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
     layout = make_layout(cfg, config, mesh)
     state = layout.abstract_state()
-    frozen = layout.abstract_params() if layout.lora else None
+    frozen = layout.abstract_params() if (layout.lora or layout.step_spec.distill) else None  # base or teacher
     if frozen is not None and layout.fp8 is not None and layout.fp8.base_fp8:  # targeted kernels in e4m3
         from nemo_jax import fp8 as F8
 

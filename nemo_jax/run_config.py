@@ -435,6 +435,7 @@ class Fp8Section(_Section):
     shared_scales: bool = True
     store_base: bool = False
     quantize_grads: bool = True
+    distill: bool = False  # quantisation-aware distillation from the unquantised starting model
 
     def _validate(self):
         _check_list(self, "targets", allow_empty=False)

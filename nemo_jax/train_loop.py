@@ -39,7 +39,7 @@ from nemo_jax import model as M
 from nemo_jax import sharding as S
 from nemo_jax.config import ModelConfig
 from nemo_jax.errors import UserError
-from nemo_jax.losses import chunked_nll_sum, token_count
+from nemo_jax.losses import chunked_kl_sum, chunked_nll_sum, token_count
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -143,6 +143,10 @@ class StepSpec:
     loss_chunk: int
     fp8: F8.Fp8Spec | None = None
     scan_unroll: int = 1
+    # Quantisation-aware distillation: the loss is KL(teacher || student) with the teacher the
+    # unquantised `frozen` params (LoRA: the base without adapters; full fine-tuning: the starting
+    # weights), instead of the next-token NLL.
+    distill: bool = False
 
     @property
     def dropout(self) -> bool:
@@ -150,7 +154,8 @@ class StepSpec:
 
 
 def loss_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8_probes=None):
-    """(sum of token NLLs, trained-token count) for one micro-batch."""
+    """(sum of the per-token loss, trained-token count) for one micro-batch: next-token NLL, or with
+    spec.distill the KL divergence from the teacher's next-token distribution."""
     if spec.lora is not None:
         params, lora_params = frozen, trainable
     else:
@@ -160,8 +165,17 @@ def loss_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8
         lora_params=lora_params, lora=spec.lora, return_hidden=True,
         rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat,
         fp8=spec.fp8, fp8_state=fp8_state, fp8_probes=fp8_probes, scan_unroll=spec.scan_unroll)
-    total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
-                            jnp.dtype(spec.config.dtype))
+    if spec.distill:
+        # The teacher runs its plain forward (no FP8, no adapters, no dropout) and gets no gradient:
+        # nothing of it is kept for the backward pass but its hidden states.
+        t_hidden, t_head = jax.lax.stop_gradient(M.forward(
+            spec.config, frozen, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
+            scan_unroll=spec.scan_unroll))
+        total = chunked_kl_sum(hidden, head, t_hidden, t_head, batch["loss_mask"], spec.loss_chunk,
+                               jnp.dtype(spec.config.dtype))
+    else:
+        total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
+                                jnp.dtype(spec.config.dtype))
     return total, token_count(batch["loss_mask"])
 
 

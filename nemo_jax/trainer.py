@@ -133,8 +133,9 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
     tc = cfg.train
     spec_lora = lora_spec(cfg)
     n_micro = TL.n_micro(tc.batch_size, tc.micro_batch_size)
+    distill = cfg.fp8.enabled and cfg.fp8.distill
     step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk, fp8_spec(cfg),
-                            cfg.model.scan_unroll)
+                            cfg.model.scan_unroll, distill=distill)
     opt = TL.make_optimizer(tc)
     axes = M.logical_axes(config, spec_lora)
     abstract = M.abstract_variables(config, spec_lora)
@@ -143,8 +144,8 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
         trainable_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
         frozen_sh = param_sh
         trainable_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract["lora"])
-    else:
-        trainable_sh, frozen_sh, trainable_abs = param_sh, None, abstract["params"]
+    else:  # full fine-tuning: `frozen` is the distillation teacher, if any
+        trainable_sh, frozen_sh, trainable_abs = param_sh, param_sh if distill else None, abstract["params"]
     fp8_abs = jax.eval_shape(lambda: M.init_fp8(config, step_spec.fp8, spec_lora)[0]) if step_spec.fp8 else None
     state_sh = TL.state_shardings(opt, trainable_abs, trainable_sh, mesh, fp8_abs)
     return Layout(config, spec_lora, step_spec, opt, mesh, param_sh, trainable_sh, frozen_sh, state_sh,
@@ -156,6 +157,12 @@ def check_run_config(cfg, config: ModelConfig):
     if cfg.fp8.enabled and cfg.fp8.store_base and not cfg.lora.enabled:
         raise UserError("fp8.store_base: storing the base weights in FP8 needs a frozen base (lora.enabled: true); "
                         "full fine-tuning keeps high-precision master weights")
+    if cfg.fp8.distill and not cfg.fp8.enabled:
+        raise UserError("fp8.distill: distillation trains the FP8 model towards the unquantised one; it needs "
+                        "fp8.enabled: true")
+    if cfg.fp8.distill and cfg.fp8.store_base:
+        raise UserError("fp8.distill: the teacher is the unquantised base, which fp8.store_base replaces by its "
+                        "FP8 copy; use one or the other")
     if tc.seq_len > config.max_seq_len:
         raise UserError(f"train.seq_len ({tc.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
     micro = tc.micro_batch_size or tc.batch_size
@@ -188,6 +195,8 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
     if layout.lora is not None:
         trainable = jax.device_put(lora_lib.init_lora(config, layout.lora, lora_rng), layout.trainable_sh)
         frozen = base
+    elif layout.step_spec.distill:  # the teacher: a copy of the starting weights (the step donates its state)
+        trainable, frozen = base, jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=layout.param_sh)(base)
     else:
         trainable, frozen = base, None
     state = jax.jit(lambda t, f: TL.init_state(t, layout.opt, seed, f), out_shardings=layout.state_sh)(
