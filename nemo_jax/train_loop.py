@@ -271,8 +271,14 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: dict, meta: d
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, dict]:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                          meta=ocp.args.JsonRestore()))
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                              meta=ocp.args.JsonRestore()))
+    except ValueError as e:  # orbax: tree structure or shape of the saved state differs from this run's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{mngr.directory}/{step}: this checkpoint does not fit the run being resumed ({first}); "
+                        "it was written with other model / LoRA / FP8 / optimizer settings or an older nemo_jax. "
+                        "Use a new output_dir (or remove its checkpoints/) to start afresh") from None
     return restored["state"], restored["meta"]
 
 
