@@ -82,7 +82,7 @@ def main():
         "--set", f"fp8.recipe={args.recipe}", "--set", "fp8.amax_history=16",
         "--set", f"fp8.quantize_grads={str(not args.forward_only).lower()}")
     if args.qad_steps:
-        qad = [a for a in ft]
+        qad = list(ft)
         qad[qad.index(f"train.steps={args.steps}")] = f"train.steps={args.qad_steps}"
         qad[qad.index(f"train.lr={args.lr}")] = f"train.lr={args.qad_lr}"
         run("train.py", *qad, "--set", f"output_dir={args.out / 'qad'}", "--set", "fp8.enabled=true",

@@ -9,8 +9,9 @@ over all B*T tokens) and same optimizer (AdamW, b=(0.9, 0.95), eps 1e-8, no weig
 global-norm clipping at 1.0), in the same run, on the CPU this runs on:
 
     nemo_jax   train_loop.train_step (value_and_grad over the flax model, chunked-loss custom VJP,
-               optax clip + adamw), jitted with the state donated, in a process with the glibc malloc
-               settings of nemo_jax/runtime.py applied first: exactly what train.py runs
+               train_loop.make_optimizer's fused clip + AdamW), jitted with the state donated, in a
+               process with the glibc malloc settings of nemo_jax/runtime.py applied first: exactly
+               what train.py runs
                (--jax-malloc default: glibc's defaults; --also-jax '--jax-malloc default' times both),
                with the layer loop fully unrolled (model.scan_unroll = n_layers, as the small demo
                configs run it: XLA:CPU then neither slices each layer's weights out of the stacked

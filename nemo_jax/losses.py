@@ -31,17 +31,12 @@ import jax.numpy as jnp
 
 def chunked_nll_sum(hidden, head, targets, mask, chunk: int, dtype=jnp.float32):
     """Sum over masked positions of -log p(target). hidden [B,T,D], head [D,V], targets/mask [B,T]."""
-    B, T, D = hidden.shape
+    T = hidden.shape[1]
     chunk = max(1, min(chunk, T))
-    pad = (-T) % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    n = (T + pad) // chunk
-    hs = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)  # [n, B, c, D]
-    ts = targets.reshape(B, n, chunk).swapaxes(0, 1).astype(jnp.int32)
-    ms = mask.reshape(B, n, chunk).swapaxes(0, 1).astype(jnp.float32)
+    n = -(-T // chunk)
+    hs = _chunks(hidden, chunk, n)  # [n, B, c, D]
+    ts = _chunks(targets.astype(jnp.int32), chunk, n)
+    ms = _chunks(mask.astype(jnp.float32), chunk, n)
     return _nll_sum(jnp.dtype(dtype), hs, head, ts, ms)
 
 
@@ -72,6 +67,17 @@ def _logits(h, head, dtype):
     return jnp.einsum("BcD,DV->BcV", h.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def _head_grads(dlogits, h_c, head_c):
+    """(d hidden [B, c, D], d head [D, V]) from fp32 d loss / d logits [B, c, V].
+
+    As the autodiff of the fp32-accumulated logits: the gradient matmuls run in fp32 whatever the
+    compute dtype (no-op casts in fp32); the caller rounds to the compute dtype after scaling.
+    """
+    dh = jnp.einsum("BcV,DV->BcD", dlogits, head_c.astype(jnp.float32))
+    dhead = jnp.einsum("BcD,BcV->DV", h_c.astype(jnp.float32), dlogits)
+    return dh, dhead
+
+
 def _chunk_nll(logits, t):
     """Per-token -log p(target) [B, c] and the log-partition [B, c] of fp32 logits [B, c, V]."""
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -98,11 +104,8 @@ def _nll_sum_fwd(dtype, hs, head, ts, ms):
         logits = _logits(h_c, head_c, dtype)
         nll, lse = _chunk_nll(logits, t)
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
-        # As the autodiff of the fp32-accumulated logits: the gradient matmuls run in fp32 whatever
-        # the compute dtype (no-op casts in fp32); dh is rounded to the compute dtype after scaling.
         dlogits = (jnp.exp(logits - lse[..., None]) - onehot) * m[..., None]
-        dh = jnp.einsum("BcV,DV->BcD", dlogits, head_c.astype(jnp.float32))
-        dhead = jnp.einsum("BcD,BcV->DV", h_c.astype(jnp.float32), dlogits)
+        dh, dhead = _head_grads(dlogits, h_c, head_c)
         return jnp.sum(nll * m), dhead, dh, nll
 
     # The first chunk outside the loop: its head gradient starts the fp32 sum (no zero-filled
@@ -159,8 +162,7 @@ def _kl_sum_fwd(dtype, hs, head, ths, t_head, ms):
         logits = _logits(h_c, head_c, dtype)
         kl, lse, t_p = _chunk_kl(logits, _logits(th, t_head_c, dtype))
         dlogits = (jnp.exp(logits - lse[..., None]) - t_p) * m[..., None]
-        dh = jnp.einsum("BcV,DV->BcD", dlogits, head_c.astype(jnp.float32))
-        dhead_c = jnp.einsum("BcD,BcV->DV", h_c.astype(jnp.float32), dlogits)
+        dh, dhead_c = _head_grads(dlogits, h_c, head_c)
         return total + jnp.sum(kl * m), dhead_c if dhead is None else dhead + dhead_c, dh
 
     total, dhead, dh = chunk(jnp.zeros((), jnp.float32), None, hs[0], ths[0], ms[0])

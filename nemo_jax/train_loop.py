@@ -104,15 +104,14 @@ def adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, weight_dec
         step_size = -schedule(state.count)
         c1 = 1 - b1 ** count.astype(jnp.float32)
         c2 = 1 - b2 ** count.astype(jnp.float32)
-        decays = mask(params) if (weight_decay and mask is not None) else jax.tree.map(lambda _: bool(weight_decay),
-                                                                                      params)
+        decays = mask(params) if mask is not None else jax.tree.map(lambda _: True, params)
 
         def leaf(g, m, v, p, decay):
             g = g.astype(jnp.float32) * scale
             m_new = b1 * m.astype(jnp.float32) + (1 - b1) * g
             v_new = b2 * v.astype(jnp.float32) + (1 - b2) * g * g
             u = (m_new / c1) / (jnp.sqrt(v_new / c2) + eps)
-            if decay:
+            if decay and weight_decay:  # no 0 * p term without decay
                 u = u + weight_decay * p.astype(jnp.float32)
             return (step_size * u).astype(p.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
