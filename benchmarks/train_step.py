@@ -14,9 +14,10 @@ global-norm clipping at 1.0), in the same run, on the CPU this runs on:
                what train.py runs
                (--jax-malloc default: glibc's defaults; --also-jax '--jax-malloc default' times both),
                with the layer loop fully unrolled (model.scan_unroll = n_layers, as the small demo
-               configs run it: XLA:CPU then neither slices each layer's weights out of the stacked
-               [L, ...] arrays nor zero-fills and updates stacked gradient buffers; --scan-unroll 1
-               times the rolled scan that is train.py's default for deep models).
+               configs run it) and so, as in train.py, each layer's weights, gradients and moments
+               arrays of their own (model.unstack_layers: XLA:CPU neither copies each layer's weights
+               out of stacked [L, ...] arrays nor concatenates its gradients back); --scan-unroll 1
+               times the rolled scan over stacked params that is train.py's default for deep models.
     PyTorch    transformers.MistralForCausalLM (attn_implementation "sdpa": the fastest PyTorch
                path on CPU, ~5x eager here), F.cross_entropy on its logits, loss.backward(),
                clip_grad_norm_(1.0), torch.optim.AdamW(fused=True) (the fastest on CPU), eager
@@ -189,6 +190,8 @@ def jax_worker(args, cfg: dict, work: Path) -> None:
              "loss_mask": jnp.ones((B, T), jnp.float32), "segment_ids": jnp.ones((B, T), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
     spec = TL.StepSpec(c, None, "none", 1, args.loss_chunk, scan_unroll=args.scan_unroll)
+    if args.scan_unroll >= c.n_layers:  # the trainer's layout for an unrolled loop (trainer.Layout)
+        params = M.unstack_layers(params)
     state = TL.init_state(params, opt, 0)
     del params
     step = jax.jit(functools.partial(TL.train_step, spec, opt), donate_argnums=(0,))

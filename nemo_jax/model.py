@@ -369,10 +369,13 @@ class Transformer(nn.Module):
     remat: str = "none"
     deterministic: bool = True
     fp8: F8.Fp8Spec | None = None
-    # Layers per iteration of the scanned loop. The parameters stay stacked [L, ...] whatever it is;
-    # unrolling trades compile time for no per-iteration slicing of the stacked weights and no
-    # zero-filled stacked gradient buffers (see model.scan_unroll in the README).
+    # Layers per iteration of the scanned loop (stacked params): unrolling trades compile time for no
+    # per-iteration dynamic slicing of the stacked weights and no zero-filled stacked gradient
+    # buffers (see model.scan_unroll in the README).
     scan_unroll: int = 1
+    # Per-layer params (`unstack_layers`): the layers are a Python loop of blocks layers_0 ... (no
+    # scan). Only `forward` sets it, from the layout of the params it is given.
+    unstacked: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False,
@@ -410,7 +413,10 @@ class Transformer(nn.Module):
             unroll=max(1, min(self.scan_unroll, c.n_layers)),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        if cache is None:
+        if self.unstacked:
+            for i in range(c.n_layers):
+                x, _ = block(c, self.lora, self.deterministic, self.fp8, name=f"layers_{i}")(x, positions, segment_ids)
+        elif cache is None:
             x, _ = scan(in_axes=(nn.broadcast, nn.broadcast))(
                 c, self.lora, self.deterministic, self.fp8, name="layers")(x, positions, segment_ids)
         else:
@@ -522,6 +528,42 @@ def init_fp8(config: ModelConfig, fp8: F8.Fp8Spec, lora: LoraSpec | None = None)
     return state, zeros(v["fp8_obs"])
 
 
+def unstack_layers(tree):
+    """{"layers": [L, ...] leaves, ...} -> {"layers": [layer 0's tree, ..., layer L-1's], ...}.
+
+    The layout of a training state whose layer loop is fully unrolled: each layer's weights (and
+    gradients and moments) are arrays of their own, so XLA neither copies them out of the stacks in
+    every step nor concatenates the per-layer gradients back (benchmarks/train_step.py). `forward`
+    takes either layout; checkpoints are always stacked (`stack_layers`). Trees without "layers"
+    are returned as they are.
+    """
+    if not isinstance(tree, dict) or not isinstance(tree.get("layers"), dict):
+        return tree
+    leaves, treedef = jax.tree.flatten(tree["layers"])
+    n = leaves[0].shape[0]
+    return {**tree, "layers": [jax.tree.unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]}
+
+
+def stack_layers(tree):
+    """The inverse of `unstack_layers` (stacked trees are returned as they are)."""
+    if not isinstance(tree, dict) or not isinstance(tree.get("layers"), (list, tuple)):
+        return tree
+    return {**tree, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *tree["layers"])}
+
+
+def _per_layer_modules(tree, n_layers: int):
+    """A variable collection as the unrolled model's modules take it: layers_0 ... layers_{L-1}."""
+    if not isinstance(tree, dict) or "layers" not in tree:
+        return tree
+    layers = tree["layers"]
+    if isinstance(layers, dict):  # stacked (small collections: adapters, FP8 scales): slice here
+        layers = unstack_layers(tree)["layers"]
+    if len(layers) != n_layers:
+        raise ValueError(f"{len(layers)} per-layer trees for a model of {n_layers} layers")
+    rest = {k: v for k, v in tree.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": t for i, t in enumerate(layers)}}
+
+
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -545,7 +587,14 @@ def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_i
             raise ValueError("forward with fp8 needs fp8_state (see init_fp8)")
         variables["fp8"] = fp8_state
         if fp8_probes is not None:
-            variables["fp8_obs"] = F8.as_probes(fp8_probes)
+            variables["fp8_obs"] = fp8_probes
+    if isinstance(params.get("layers"), (list, tuple)):  # unstack_layers' layout: a Python loop of blocks
+        if cache is not None:
+            raise ValueError("decoding with a cache takes stacked params (model.stack_layers)")
+        model = model.clone(unstacked=True)
+        variables = {k: _per_layer_modules(v, config.n_layers) for k, v in variables.items()}
+    if "fp8_obs" in variables:  # after any per-layer slicing: the probes' max-gradient dtype has no slice
+        variables["fp8_obs"] = F8.as_probes(variables["fp8_obs"])
     return model.apply(variables, tokens, positions, segment_ids, return_hidden=return_hidden, rngs=rngs,
                        cache=cache, cache_index=cache_index)
 

@@ -55,12 +55,12 @@ def dry_run(cfg, device_memory: int | None = None) -> dict:
     check_run_config(cfg, config)
     mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
     layout = make_layout(cfg, config, mesh)
-    state = layout.abstract_state()
-    frozen = layout.abstract_params() if (layout.lora or layout.step_spec.distill) else None  # base or teacher
+    state, frozen = layout.abstract_step_inputs()  # frozen: the LoRA base or the distillation teacher
     if frozen is not None and layout.fp8 is not None and layout.fp8.base_fp8:  # targeted kernels in e4m3
         from nemo_jax import fp8 as F8
 
-        q = jax.eval_shape(lambda p: F8.quantize_base(p, layout.init_fp8(), layout.fp8)[0], frozen)
+        q = jax.eval_shape(lambda p: layout.step_params(F8.quantize_base(p, layout.init_fp8(), layout.fp8)[0]),
+                           layout.abstract_params())
         frozen = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f.sharding), q, frozen)
     tc = cfg.train
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,

@@ -95,12 +95,14 @@ def adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, weight_dec
         return AdamState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
                          jax.tree.map(jnp.zeros_like, params))
 
-    def update(grads, state, params):
+    def update(grads, state, params, grad_scale=None):
+        # grad_scale: the gradient is grads * grad_scale (train_step's division by the token count,
+        # folded into the one elementwise pass instead of a pass of its own)
         count = optax.safe_increment(state.count)
-        scale = jnp.ones((), jnp.float32)
+        scale = jnp.ones((), jnp.float32) if grad_scale is None else jnp.asarray(grad_scale, jnp.float32)
         if clip:
-            norm = optax.global_norm(grads)
-            scale = jnp.where(norm < clip, 1.0, clip / norm)
+            norm = optax.global_norm(grads) * scale
+            scale = jnp.where(norm < clip, scale, scale * (clip / norm))
         step_size = -schedule(state.count)
         c1 = 1 - b1 ** count.astype(jnp.float32)
         c2 = 1 - b2 ** count.astype(jnp.float32)
@@ -120,7 +122,12 @@ def adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, weight_dec
         updates, mu, nu = (jax.tree.unflatten(tree, [o[i] for o in tree.flatten_up_to(out)]) for i in range(3))
         return updates, AdamState(count, mu, nu)
 
-    return optax.GradientTransformation(init, update)
+    return FusedAdamW(init, update)
+
+
+class FusedAdamW(optax.GradientTransformationExtraArgs):
+    """`adamw`'s transformation: its update also takes `grad_scale` (a marker type, so that
+    train_step passes it only to an update that applies it)."""
 
 
 def make_optimizer(tc) -> optax.GradientTransformation:
@@ -208,9 +215,15 @@ def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, f
         init = (zeros, 0.0, 0.0, F8.zero_observations(probes))
         (g_sum, s_sum, n_sum, observed), _ = jax.lax.scan(body, init, (micro, jnp.arange(spec.n_micro)))
     denom = jnp.maximum(n_sum, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, trainable)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = opt.update(grads, state["opt_state"], trainable)
+    if isinstance(opt, FusedAdamW):
+        # The optimizer divides by the token count in its one pass over the gradient (no pass of
+        # its own); accumulated fp32 sums stay fp32 until then.
+        grad_norm = optax.global_norm(g_sum) / denom
+        updates, opt_state = opt.update(g_sum, state["opt_state"], trainable, grad_scale=1.0 / denom)
+    else:
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, trainable)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = opt.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
     if fp8_state is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from nemo_jax import fp8 as F8
@@ -80,7 +81,14 @@ def evaluate(eval_fn, params, lora_params, batches, sharding, max_batches=None) 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Everything static about a run's step: model, step spec, optimizer and every sharding."""
+    """Everything static about a run's step: model, step spec, optimizer and every sharding.
+
+    With the layer loop fully unrolled (`unstacked`), the step's state and frozen params hold each
+    layer's weights as arrays of their own (model.unstack_layers; LoRA adapters stay stacked, they
+    are small); checkpoints keep the stacked layout (`to_checkpoint` / `from_checkpoint`), so a run
+    resumes whatever its model.scan_unroll. `state_sh` / `frozen_sh` are the step's shardings,
+    `ckpt_state_sh` / `param_sh` the stacked ones.
+    """
 
     config: ModelConfig
     lora: M.LoraSpec | None
@@ -92,6 +100,8 @@ class Layout:
     frozen_sh: dict | None
     state_sh: dict
     batch_sh: object
+    ckpt_state_sh: dict
+    unstacked: bool = False
 
     def step_fn(self):
         step = functools.partial(TL.train_step, self.step_spec, self.opt)
@@ -112,9 +122,36 @@ class Layout:
         return M.init_fp8(self.config, self.fp8, self.lora)[0] if self.fp8 is not None else None
 
     def abstract_state(self):
+        """The state as checkpoints hold it (stacked layers)."""
         trainable = self.abstract_trainable()
         state = jax.eval_shape(lambda t: TL.init_state(t, self.opt, 0, self.init_fp8()), trainable)
-        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, self.state_sh)
+        return _with_shardings(state, self.ckpt_state_sh)
+
+    def abstract_step_inputs(self):
+        """(state, frozen) as the step takes them (what `init_arrays` returns), allocating nothing."""
+        state = _with_shardings(jax.eval_shape(self.from_checkpoint, self.abstract_state()), self.state_sh)
+        frozen = None
+        if self.frozen_sh is not None:
+            frozen = _with_shardings(jax.eval_shape(self.step_params, self.abstract_params()), self.frozen_sh)
+        return state, frozen
+
+    def from_checkpoint(self, state):
+        """A stacked (checkpoint) state in the step's layout."""
+        if not self.unstacked or self.lora is not None:
+            return state
+        return jax.jit(functools.partial(_map_param_trees, M.unstack_layers), out_shardings=self.state_sh)(state)
+
+    def to_checkpoint(self, state):
+        """The step's state in the stacked layout that checkpoints hold (a copy when unstacked)."""
+        if not self.unstacked or self.lora is not None:
+            return state
+        return jax.jit(functools.partial(_map_param_trees, M.stack_layers), out_shardings=self.ckpt_state_sh)(state)
+
+    def step_params(self, params):
+        """Stacked base params (the LoRA base, the distillation teacher) in the step's layout."""
+        if not self.unstacked:
+            return params
+        return jax.jit(M.unstack_layers, out_shardings=self.frozen_sh)(params)
 
     def abstract_trainable(self):
         abstract = M.abstract_variables(self.config, self.lora)
@@ -147,9 +184,34 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
     else:  # full fine-tuning: `frozen` is the distillation teacher, if any
         trainable_sh, frozen_sh, trainable_abs = param_sh, param_sh if distill else None, abstract["params"]
     fp8_abs = jax.eval_shape(lambda: M.init_fp8(config, step_spec.fp8, spec_lora)[0]) if step_spec.fp8 else None
-    state_sh = TL.state_shardings(opt, trainable_abs, trainable_sh, mesh, fp8_abs)
+    ckpt_state_sh = TL.state_shardings(opt, trainable_abs, trainable_sh, mesh, fp8_abs)
+    unstacked = cfg.model.scan_unroll >= config.n_layers > 1
+    state_sh = ckpt_state_sh
+    if unstacked:
+        if spec_lora is None:
+            state_sh = _map_param_trees(functools.partial(unstack_shardings, n=config.n_layers), ckpt_state_sh)
+        if frozen_sh is not None:
+            frozen_sh = unstack_shardings(frozen_sh, config.n_layers)
     return Layout(config, spec_lora, step_spec, opt, mesh, param_sh, trainable_sh, frozen_sh, state_sh,
-                  S.batch_sharding(mesh))
+                  S.batch_sharding(mesh), ckpt_state_sh, unstacked)
+
+
+def unstack_shardings(tree, n: int):
+    """model.unstack_layers for a tree of NamedShardings: each layer's without the leading L axis."""
+    if "layers" not in tree:
+        return tree
+    per = jax.tree.map(lambda sh: NamedSharding(sh.mesh, P(*tuple(sh.spec)[1:])), tree["layers"])
+    return {**tree, "layers": [per] * n}
+
+
+def _map_param_trees(fn, state):
+    """fn over a full-fine-tuning state's param-shaped trees: the params and both Adam moments."""
+    opt = state["opt_state"]
+    return {**state, "trainable": fn(state["trainable"]), "opt_state": opt._replace(mu=fn(opt.mu), nu=fn(opt.nu))}
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
 
 
 def check_run_config(cfg, config: ModelConfig):
@@ -199,9 +261,9 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
         trainable, frozen = base, jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=layout.param_sh)(base)
     else:
         trainable, frozen = base, None
-    state = jax.jit(lambda t, f: TL.init_state(t, layout.opt, seed, f), out_shardings=layout.state_sh)(
+    state = jax.jit(lambda t, f: TL.init_state(t, layout.opt, seed, f), out_shardings=layout.ckpt_state_sh)(
         trainable, fp8_state)
-    return state, frozen
+    return layout.from_checkpoint(state), layout.step_params(frozen) if frozen is not None else None
 
 
 def train(cfg) -> Path:
@@ -233,6 +295,7 @@ def train(cfg) -> Path:
     start = mngr.latest_step() or 0
     if start:
         state, meta = TL.restore_checkpoint(mngr, start, layout.abstract_state())
+        state = layout.from_checkpoint(state)
         train_iter.restore(meta["data_state"])
         print(f"resuming from step {start} in {run_dir / 'checkpoints'}", flush=True)
     if start >= tc.steps:
@@ -274,7 +337,7 @@ def train(cfg) -> Path:
 
     def save(step, force=False):
         meta = {"step": step, "data_state": train_iter.state(), "config": cfg.to_dict()}
-        TL.save_checkpoint(mngr, step, state, meta, force=force)
+        TL.save_checkpoint(mngr, step, layout.to_checkpoint(state), meta, force=force)
 
     writer = MetricsWriter(run_dir, start) if main else NullWriter()
     flops_tok = TL.flops_per_token(config, tc.seq_len, spec_lora is not None)

@@ -120,6 +120,13 @@ def test_unrolled_layer_loop_trains_the_same():
     s2, l2 = run_steps(None, 1, 3, batch, params, None, opt=optax.sgd(0.5), scan_unroll=CFG.n_layers)
     np.testing.assert_allclose(l1, l2, rtol=1e-5)  # losses and grad norms
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1["trainable"], s2["trainable"])
+    # the trainer's layout for an unrolled loop (per-layer arrays) is the same unrolled computation
+    s3, l3 = run_steps(None, 1, 3, batch, M.unstack_layers(params), None, opt=optax.sgd(0.5),
+                       scan_unroll=CFG.n_layers)
+    assert isinstance(s3["trainable"]["layers"], list) and len(s3["trainable"]["layers"]) == CFG.n_layers
+    np.testing.assert_allclose(l3, l2, rtol=1e-6)  # the grad norm sums its leaves in another order
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), M.stack_layers(s3["trainable"]),
+                 s2["trainable"])
 
     def loops(unroll):
         spec = TL.StepSpec(CFG, None, "none", 1, 16, scan_unroll=unroll)
@@ -150,6 +157,12 @@ def test_fused_adamw_equals_optax_chain(weight_decay, clip):
     mu_ref = s_ref[-1][0].mu
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-9), s_ours.mu, mu_ref)
     assert int(s_ours.count) == 5
+    # train_step hands it the gradient sum and 1 / token count: the same update as the mean gradient
+    g_sum, n = jax.tree.map(lambda x: x * 37.0, g), 37.0
+    u_mean, st_mean = ours.update(g, s_ours, p_ours)
+    u_sum, st_sum = ours.update(g_sum, s_ours, p_ours, grad_scale=1.0 / n)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12), (u_sum, st_sum),
+                 (u_mean, st_mean))
     # the norms' scales were not decayed: with decay they would differ from a no-decay run
     if weight_decay:
         nodecay = TL.make_optimizer(train_cfg(lr=1e-2, schedule="cosine", warmup_steps=2, steps=6, grad_clip=clip))
@@ -157,6 +170,19 @@ def test_fused_adamw_equals_optax_chain(weight_decay, clip):
         u_d, _ = ours.update(g, s_ours._replace(count=s_ours.count - 1), p_ours)
         np.testing.assert_array_equal(u_nd["final_norm"]["scale"], u_d["final_norm"]["scale"])
         assert not np.array_equal(u_nd["lm_head"]["kernel"], u_d["lm_head"]["kernel"])
+
+
+def test_lora_on_a_per_layer_base():
+    """An unrolled LoRA run's step takes its base as per-layer arrays (model.unstack_layers) and its
+    adapters stacked: the same steps as on the stacked base."""
+    spec = M.LoraSpec(rank=4, alpha=8.0, targets=("q", "down"))
+    params = M.init_params(CFG, jax.random.key(0))["params"]
+    adapters = lora_lib.init_lora(CFG, spec, jax.random.key(1))
+    batch = make_batch()
+    s1, l1 = run_steps(spec, 1, 2, batch, adapters, params, scan_unroll=CFG.n_layers)
+    s2, l2 = run_steps(spec, 1, 2, batch, adapters, M.unstack_layers(params), scan_unroll=CFG.n_layers)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), s2["trainable"], s1["trainable"])
 
 
 def test_lora_trains_only_adapters():

@@ -92,7 +92,7 @@ def main(out_path):
     # save on fsdp=8, restore on 2x2x2 and compare values
     with tempfile.TemporaryDirectory() as d:
         mngr = TL.checkpoint_manager(d, keep=1, async_save=False)
-        TL.save_checkpoint(mngr, 3, saved_state, {"step": 3})
+        TL.save_checkpoint(mngr, 3, saved_layout.to_checkpoint(saved_state), {"step": 3})
         mngr.wait_until_finished()
         target = make_layout(run_config(MESHES["2x2x2"], False), CONFIG, S.make_mesh(*MESHES["2x2x2"]))
         restored, _ = TL.restore_checkpoint(mngr, 3, target.abstract_state())
