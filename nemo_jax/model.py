@@ -19,7 +19,8 @@ The layers are stacked on a leading L axis and run with `nn.scan`: one compiled 
 depth, and [L, ...] arrays that shard and save as single tensors. LoRA adapters live in their own
 `lora` collection with the same layout (see lora.py), so the base params can stay frozen and
 optimizer-free. Every parameter carries logical axis names (`embed`, `heads`, ...) that
-sharding.py maps to mesh axes.
+sharding.py maps to mesh axes. A training step whose layer loop is fully unrolled takes the
+layers as a list of per-layer trees instead (`unstack_layers`); `forward` runs either layout.
 
 RoPE uses the rotate-half convention of HF checkpoints; Mistral's consolidated layout (interleaved)
 is permuted to it on import (checkpoint/layout.py).

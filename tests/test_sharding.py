@@ -23,9 +23,10 @@ def result(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-@pytest.mark.parametrize("mesh", ["data8", "fsdp8", "2x2x2", "1x2x4", "seq4"])
+@pytest.mark.parametrize("mesh,mode", [(m, "full") for m in ["data8", "fsdp8", "2x2x2", "1x2x4", "seq4"]]
+                         + [("fsdp8", "lora"), ("2x2x2", "lora")])
 def test_same_losses_as_one_device(result, mesh, mode):
+    """2x2x2 runs the unrolled layer loop on per-layer arrays; the others the scan on stacked ones."""
     ref = result["losses"][f"single-{mode}"]
     got = result["losses"][f"{mesh}-{mode}"]
     assert len(got) == len(ref) == 3
@@ -44,6 +45,13 @@ def test_fsdp_really_shards(result):
 def test_restore_on_another_mesh(result):
     assert result["restore_other_mesh_equal"] is True
     assert result["restored_sharding"] == "P(None, 'fsdp', 'tensor', None)"
+    assert result["restored_unrolled_equal"] is True
+
+
+def test_unrolled_layers_keep_their_sharding(result):
+    # q kernel [D, N, H]: D over fsdp, N over tensor, as the stacked [L, D, N, H] minus its L axis
+    assert result["unrolled_q_sharding_full"] == "P('fsdp', 'tensor', None)"
+    assert result["unrolled_q_sharding_lora"] == "P('fsdp', 'tensor', None)"
 
 
 def test_mesh_shape_fill_and_errors():

@@ -14,6 +14,7 @@ import tempfile
 import jax
 import numpy as np
 
+from nemo_jax import model as M
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
 from nemo_jax.run_config import config_from_dict
@@ -22,13 +23,16 @@ from nemo_jax.config import preset
 
 MESHES = {"data8": (8, 1, 1, 1), "fsdp8": (1, 8, 1, 1), "2x2x2": (2, 2, 2, 1), "1x2x4": (1, 2, 4, 1),
           "seq4": (1, 2, 1, 4)}
+LORA_MESHES = ("fsdp8", "2x2x2")  # LoRA changes what is trained, not how the mesh axes split it
+UNROLLED = ("2x2x2",)  # the layer loop unrolled: the step's per-layer arrays (trainer.Layout.unstacked)
 CONFIG = preset("tiny").replace(dim=64, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=256)
 
 
-def run_config(mesh, lora):
+def run_config(mesh, lora, unroll=1):
     d, f, t, s = mesh
     return config_from_dict({
-        "output_dir": "unused", "model": {"preset": "tiny", "dtype": "float32", "param_dtype": "float32"},
+        "output_dir": "unused",
+        "model": {"preset": "tiny", "dtype": "float32", "param_dtype": "float32", "scan_unroll": unroll},
         "data": {"train": ["unused"]},
         "train": {"steps": 3, "batch_size": 8, "micro_batch_size": 8, "seq_len": 32, "lr": 1e-2, "loss_chunk": 16,
                   "schedule": "constant"},
@@ -50,8 +54,8 @@ def batches(n=3, B=8, T=32):
     return out
 
 
-def train(mesh_shape, lora, devices=None):
-    cfg = run_config(mesh_shape, lora)
+def train(mesh_shape, lora, devices=None, unroll=1):
+    cfg = run_config(mesh_shape, lora, unroll)
     mesh = S.make_mesh(*mesh_shape, devices=devices)
     layout = make_layout(cfg, CONFIG, mesh)
     state, frozen = init_arrays(layout, 0, None)
@@ -80,7 +84,13 @@ def main(out_path):
         ref, *_ = train((1, 1, 1, 1), lora, devices=jax.devices()[:1])
         result["losses"][f"single-{'lora' if lora else 'full'}"] = ref
         for name, shape in MESHES.items():
-            losses, state, frozen, layout = train(shape, lora)
+            if lora and name not in LORA_MESHES:
+                continue
+            losses, state, frozen, layout = train(shape, lora, unroll=CONFIG.n_layers if name in UNROLLED else 1)
+            assert layout.unstacked == (name in UNROLLED)
+            if name in UNROLLED:  # each layer's arrays keep the stacked array's sharding of their axes
+                q = (frozen if lora else state["trainable"])["layers"][0]["attention"]["q"]["kernel"]
+                result[f"unrolled_q_sharding_{'lora' if lora else 'full'}"] = str(q.sharding.spec)
             result["losses"][f"{name}-{'lora' if lora else 'full'}"] = losses
             if name == "fsdp8":
                 tree = frozen if lora else state["trainable"]
@@ -96,6 +106,13 @@ def main(out_path):
         mngr.wait_until_finished()
         target = make_layout(run_config(MESHES["2x2x2"], False), CONFIG, S.make_mesh(*MESHES["2x2x2"]))
         restored, _ = TL.restore_checkpoint(mngr, 3, target.abstract_state())
+        # and into an unrolled run's layout on that mesh
+        unrolled = make_layout(run_config(MESHES["2x2x2"], False, CONFIG.n_layers), CONFIG,
+                               S.make_mesh(*MESHES["2x2x2"]))
+        per_layer = unrolled.from_checkpoint(restored)
+        result["restored_unrolled_equal"] = all(
+            bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
+            zip(jax.tree.leaves(saved_state["trainable"]), jax.tree.leaves(M.stack_layers(per_layer["trainable"]))))
         same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                             saved_state["trainable"], restored["trainable"])
         result["restore_other_mesh_equal"] = all(jax.tree.leaves(same))
