@@ -155,6 +155,11 @@ class StepSpec:
     distill: bool = False
 
     @property
+    def per_layer(self) -> bool:
+        """Whether the step takes per-layer arrays (model.unstack_layers): a fully unrolled loop."""
+        return self.scan_unroll >= self.config.n_layers > 1
+
+    @property
     def dropout(self) -> bool:
         return self.lora is not None and self.lora.dropout > 0
 

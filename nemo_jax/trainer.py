@@ -83,7 +83,7 @@ def evaluate(eval_fn, params, lora_params, batches, sharding, max_batches=None) 
 class Layout:
     """Everything static about a run's step: model, step spec, optimizer and every sharding.
 
-    With the layer loop fully unrolled (`unstacked`), the step's state and frozen params hold each
+    With the layer loop fully unrolled (`unstacked`: StepSpec.per_layer), the step's state and frozen params hold each
     layer's weights as arrays of their own (model.unstack_layers; LoRA adapters stay stacked, they
     are small); checkpoints keep the stacked layout (`to_checkpoint` / `from_checkpoint`), so a run
     resumes whatever its model.scan_unroll. `state_sh` / `frozen_sh` are the step's shardings,
@@ -101,7 +101,10 @@ class Layout:
     state_sh: dict
     batch_sh: object
     ckpt_state_sh: dict
-    unstacked: bool = False
+
+    @property
+    def unstacked(self) -> bool:
+        return self.step_spec.per_layer
 
     def step_fn(self):
         step = functools.partial(TL.train_step, self.step_spec, self.opt)
@@ -137,21 +140,28 @@ class Layout:
 
     def from_checkpoint(self, state):
         """A stacked (checkpoint) state in the step's layout."""
-        if not self.unstacked or self.lora is not None:
-            return state
-        return jax.jit(functools.partial(_map_param_trees, M.unstack_layers), out_shardings=self.state_sh)(state)
+        return self._converters[0](state)
 
     def to_checkpoint(self, state):
         """The step's state in the stacked layout that checkpoints hold (a copy when unstacked)."""
-        if not self.unstacked or self.lora is not None:
-            return state
-        return jax.jit(functools.partial(_map_param_trees, M.stack_layers), out_shardings=self.ckpt_state_sh)(state)
+        return self._converters[1](state)
 
     def step_params(self, params):
         """Stacked base params (the LoRA base, the distillation teacher) in the step's layout."""
+        return self._converters[2](params)
+
+    @functools.cached_property
+    def _converters(self):
+        """(from_checkpoint, to_checkpoint, step_params), jitted once: to_checkpoint runs at every save."""
+        same = lambda x: x
         if not self.unstacked:
-            return params
-        return jax.jit(M.unstack_layers, out_shardings=self.frozen_sh)(params)
+            return same, same, same
+        to_params = jax.jit(M.unstack_layers, out_shardings=self.frozen_sh) if self.frozen_sh is not None else same
+        if self.lora is not None:  # the adapters stay stacked
+            return same, same, to_params
+        return (jax.jit(functools.partial(_map_param_trees, M.unstack_layers), out_shardings=self.state_sh),
+                jax.jit(functools.partial(_map_param_trees, M.stack_layers), out_shardings=self.ckpt_state_sh),
+                to_params)
 
     def abstract_trainable(self):
         abstract = M.abstract_variables(self.config, self.lora)
@@ -185,15 +195,14 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
         trainable_sh, frozen_sh, trainable_abs = param_sh, param_sh if distill else None, abstract["params"]
     fp8_abs = jax.eval_shape(lambda: M.init_fp8(config, step_spec.fp8, spec_lora)[0]) if step_spec.fp8 else None
     ckpt_state_sh = TL.state_shardings(opt, trainable_abs, trainable_sh, mesh, fp8_abs)
-    unstacked = cfg.model.scan_unroll >= config.n_layers > 1
     state_sh = ckpt_state_sh
-    if unstacked:
+    if step_spec.per_layer:
         if spec_lora is None:
             state_sh = _map_param_trees(functools.partial(unstack_shardings, n=config.n_layers), ckpt_state_sh)
         if frozen_sh is not None:
             frozen_sh = unstack_shardings(frozen_sh, config.n_layers)
     return Layout(config, spec_lora, step_spec, opt, mesh, param_sh, trainable_sh, frozen_sh, state_sh,
-                  S.batch_sharding(mesh), ckpt_state_sh, unstacked)
+                  S.batch_sharding(mesh), ckpt_state_sh)
 
 
 def unstack_shardings(tree, n: int):
