@@ -115,6 +115,11 @@ def activation_mesh(mesh: Mesh):
         _ACTIVE_MESH.pop()
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the program being traced (`activation_mesh`), or None outside one."""
+    return _ACTIVE_MESH[-1] if _ACTIVE_MESH else None
+
+
 def constrain(x, axes: tuple):
     """Pin an activation's layout by logical axes (a no-op outside `activation_mesh` or on one device).
 
