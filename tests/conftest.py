@@ -16,3 +16,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# With the aot extra (the CUDA plugin) installed on a machine without a GPU, jax would try the
+# plugin, fail and print a traceback into every subprocess's stderr; the suite then runs on the
+# CPU backend explicitly. Deviceless GPU programs (tests/test_gpu_programs.py) need exactly this.
+if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["JAX_PLATFORMS"] = "cpu"
