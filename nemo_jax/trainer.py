@@ -223,8 +223,11 @@ def _with_shardings(abstract, shardings):
     return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
 
 
-def check_run_config(cfg, config: ModelConfig):
+def check_run_config(cfg, config: ModelConfig, n_devices: int | None = None, n_processes: int | None = None):
+    """n_devices / n_processes: of the run being planned (a deviceless GPU plan); default: this one's."""
     tc = cfg.train
+    n_devices = jax.device_count() if n_devices is None else n_devices
+    n_processes = jax.process_count() if n_processes is None else n_processes
     if cfg.fp8.enabled and cfg.fp8.store_base and not cfg.lora.enabled:
         raise UserError("fp8.store_base: storing the base weights in FP8 needs a frozen base (lora.enabled: true); "
                         "full fine-tuning keeps high-precision master weights")
@@ -237,11 +240,11 @@ def check_run_config(cfg, config: ModelConfig):
     if tc.seq_len > config.max_seq_len:
         raise UserError(f"train.seq_len ({tc.seq_len}) exceeds the model's max_seq_len ({config.max_seq_len})")
     micro = tc.micro_batch_size or tc.batch_size
-    if tc.batch_size % jax.process_count():
+    if tc.batch_size % n_processes:
         raise UserError(f"train.batch_size ({tc.batch_size}) must be divisible by the number of "
-                        f"processes ({jax.process_count()})")
+                        f"processes ({n_processes})")
     mesh = cfg.mesh
-    shards = S.mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, mesh.sequence, jax.device_count())
+    shards = S.mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, mesh.sequence, n_devices)
     dp = shards["data"] * shards["fsdp"]
     if micro % dp:
         raise UserError(f"train.micro_batch_size ({micro}) must be divisible by mesh.data x mesh.fsdp ({dp})")
