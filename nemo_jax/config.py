@@ -17,6 +17,13 @@ from pathlib import Path
 
 from nemo_jax.errors import UserError
 
+# Documents packed into one row, at most. The GPU attention kernel (cuDNN's packed layout,
+# attention.py) takes each row's documents as a fixed-size table of offsets and lengths: one entry
+# per contiguous run of segment ids, padding included, so this + 1 entries. 63 documents fill an
+# 8192-token row at 130 tokens each; the table costs 4 bytes x heads x T per entry of softmax
+# statistics (64 entries, 32 heads, T = 8192: 64 MiB per layer in flight).
+MAX_DOCUMENTS_PER_ROW = 63
+
 DTYPES = ("float32", "bfloat16")
 
 

@@ -37,9 +37,11 @@ Batches: a dict of numpy arrays, each [B, T] (B = this process's rows, T = seq_l
 
 Packing
     Rows are filled in order with whole documents; a document that does not fit the rest of a row
-    starts the next row (the rest is padding). A document with more than T pairs is cut into pieces:
-    its head fills the current row and the rest continues in the next rows, every piece a new
-    segment starting at position 0. No token is dropped or repeated.
+    starts the next row (the rest is padding), and so does the document after the 63rd of a row
+    (config.MAX_DOCUMENTS_PER_ROW: the GPU attention kernel's fixed table of documents). A
+    document with more than T pairs is cut into pieces: its head fills the current row and the
+    rest continues in the next rows, every piece a new segment starting at position 0. No token
+    is dropped or repeated.
 
 Order and resumption
     Each source is shuffled with a permutation drawn from (seed, source, epoch), and cycles through
@@ -78,6 +80,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from nemo_jax.config import MAX_DOCUMENTS_PER_ROW
 from nemo_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -388,7 +391,7 @@ def _next_row(next_doc, pending, length, seq_len):
     `length(source, doc)` is a document's token count (it has one pair fewer).
     """
     segments, free = [], seq_len
-    while free:
+    while free and len(segments) < MAX_DOCUMENTS_PER_ROW:  # the GPU kernel's table of documents (config.py)
         piece = pending if pending is not None else next_doc()
         if piece is None:
             return segments, None

@@ -1,14 +1,19 @@
 """`train.py --dry-run`: will this config fit, and how much work is a step? Loads no weights.
 
 Builds the abstract train state (shapes, dtypes and shardings only), compiles the real train step
-for the configured mesh, and reads XLA's own analyses of the compiled program: FLOPs per step (cost
-analysis) and per-device memory (arguments, outputs, temporaries). Runs on a CPU for the full 12B
-configs; multi-device meshes use fake host devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=8).
+for the configured mesh, and reads XLA's own analyses of the compiled program: per-device memory
+(arguments, outputs, temporaries) and, where the backend has one, FLOPs (cost analysis).
 
-The memory figures are those of the program XLA compiles for the backend it runs on: planning on a
-CPU for a GPU target gives the same arguments and outputs (the state, exactly) and temporaries that
-are close to, not identical with, what the GPU compiler schedules.
+Two planners:
+* `--target h100|h200` compiles the GPU program itself, deviceless (aot.py): for as many GPUs
+  as the mesh needs (hosts x GPUs per host: `--num-processes` hosts), on this machine's CPU. Its
+  memory is the GPU compiler's own schedule; it also names the attention kernel the program
+  contains and counts its (FP8) GEMMs. Deviceless compilation has no autotuning, so GEMMs are
+  compiled as cuBLASLt calls (Triton GEMMs off), and cuDNN's workspace is not in the temporaries.
+* without it, the program XLA compiles for the CPU (multi-device meshes on fake host devices:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8). Arguments and outputs are the state,
+  exactly; temporaries are the CPU program's, which upcasts bf16 matmuls to f32 and so holds f32
+  copies of bf16 weights that no GPU program has.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nemo_jax import model as M
 from nemo_jax import sharding as S
@@ -47,13 +53,33 @@ def model_config_for(cfg) -> ModelConfig:
     return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
 
 
-def dry_run(cfg, device_memory: int | None = None) -> dict:
+def planned_devices(cfg, target: str, num_processes: int | None):
+    """The target GPUs a config's mesh spans: the product of its axes, or with a -1 axis, 8 per host."""
+    from nemo_jax import aot
+
+    aot.require()
+    hosts = num_processes or 1
+    m = cfg.mesh
+    sizes = (m.data, m.fsdp, m.tensor, m.sequence)
+    n = aot.GPUS_PER_HOST * hosts if -1 in sizes else int(np.prod(sizes))
+    return list(aot.devices(target, n, hosts)), hosts
+
+
+def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
+            num_processes: int | None = None) -> dict:
     from nemo_jax.trainer import check_run_config, make_layout
 
     t0 = time.time()
     config = model_config_for(cfg)
-    check_run_config(cfg, config)
-    mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
+    if target:
+        from nemo_jax import aot
+
+        devices, hosts = planned_devices(cfg, target, num_processes)
+        device_memory = device_memory or aot.device_memory(target)
+    else:
+        devices, hosts = jax.devices(), jax.process_count()
+    check_run_config(cfg, config, len(devices), hosts)
+    mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence, devices=devices)
     layout = make_layout(cfg, config, mesh)
     state, frozen = layout.abstract_step_inputs()  # frozen: the LoRA base or the distillation teacher
     if frozen is not None and layout.fp8 is not None and layout.fp8.base_fp8:  # targeted kernels in e4m3
@@ -65,46 +91,74 @@ def dry_run(cfg, device_memory: int | None = None) -> dict:
     tc = cfg.train
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=layout.batch_sh) for k in TL.BATCH_KEYS}
-    compiled = layout.step_fn().lower(state, frozen, batch).compile()
+    lowered = layout.step_fn().lower(state, frozen, batch)
+    compiled = lowered.compile(compiler_options=GPU_PLAN_OPTIONS) if target else lowered.compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
     n_params = M.count_params(M.abstract_variables(config)["params"])
     n_trainable = M.count_params(state["trainable"])
     report = {
+        "target": target or "cpu",
         "parameters": n_params,
         "trainable_parameters": n_trainable,
-        "devices": jax.device_count(),
+        "devices": len(devices),
+        "hosts": hosts,
         "mesh": dict(mesh.shape),
-        "flops_per_step": float(cost.get("flops", 0.0)) if cost else 0.0,
+        "flops_per_step": float(cost.get("flops", 0.0)) if cost else None,
         "model_flops_per_step": TL.flops_per_token(config, tc.seq_len, layout.lora is not None)
         * tc.batch_size * tc.seq_len,
         "argument_bytes": int(mem.argument_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),
         "alias_bytes": int(mem.alias_size_in_bytes),
         "temp_bytes": int(mem.temp_size_in_bytes),
-        "compile_seconds": time.time() - t0,
     }
+    if target:
+        from nemo_jax import aot
+
+        program = aot.report(compiled.as_text())
+        report.update(attention=program.attention_summary(), attention_kernels=program.attention_kernels,
+                      gemms=program.gemms, fp8_gemms=program.fp8_gemms)
     # donated state buffers are reused for the outputs: count them once
     report["peak_bytes"] = report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"] \
         + report["temp_bytes"]
     if device_memory:
         report["device_memory"] = device_memory
         report["fits"] = report["peak_bytes"] <= device_memory
+    report["compile_seconds"] = time.time() - t0
     return report
+
+
+# Deviceless GPU compiles do not autotune; with Triton GEMMs off every GEMM is a cuBLASLt call
+# whose name says whether it is FP8 (`__cublas$lt$matmul$f8`).
+GPU_PLAN_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def format_report(r: dict) -> str:
     g = lambda b: f"{b / GiB:,.2f} GiB"
+    gpu = r["target"] != "cpu"
+    plural = lambda n, word: f"{n} {word}{'s' if n > 1 else ''}"
+    where = (f"{r['target'].upper()} program, compiled deviceless for {plural(r['devices'], 'GPU')} on "
+             f"{plural(r['hosts'], 'host')}" if gpu else "CPU program (temporaries are the CPU backend's: "
+             "bf16 matmuls upcast to f32; plan with --target h100 for the GPU program)")
     lines = [
         f"parameters            {r['parameters']:,} ({r['trainable_parameters']:,} trainable)",
         f"mesh                  {' x '.join(f'{k}={v}' for k, v in r['mesh'].items())} ({r['devices']} devices)",
-        f"FLOPs per step        {r['flops_per_step']:.4g} (XLA cost analysis, per device program); "
-        f"model FLOPs {r['model_flops_per_step']:.4g} (all devices)",
+        f"program               {where}",
+    ]
+    if r["flops_per_step"]:
+        lines.append(f"FLOPs per step        {r['flops_per_step']:.4g} (XLA cost analysis, per device program); "
+                     f"model FLOPs {r['model_flops_per_step']:.4g} (all devices)")
+    else:
+        lines.append(f"model FLOPs per step  {r['model_flops_per_step']:.4g} (all devices)")
+    if gpu:
+        lines += [f"attention             {r['attention']}",
+                  f"GEMMs                 {r['gemms']} cuBLASLt calls, {r['fp8_gemms']} of them FP8"]
+    lines += [
         "memory per device (XLA memory analysis):",
         f"  arguments           {g(r['argument_bytes'])}",
         f"  outputs             {g(r['output_bytes'])} ({g(r['alias_bytes'])} reuse donated arguments)",
-        f"  temporaries         {g(r['temp_bytes'])}",
+        f"  temporaries         {g(r['temp_bytes'])}" + (" (cuDNN workspace not included)" if gpu else ""),
         f"  peak                {g(r['peak_bytes'])}",
     ]
     if "fits" in r:

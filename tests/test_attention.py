@@ -117,8 +117,8 @@ def test_auto_choice():
     assert resolve_implementation("xla", 1, 131072, 128, jnp.bfloat16) == "xla"
     if jax.default_backend() != "gpu":
         assert resolve_implementation("auto", 1, 8192, 128, jnp.bfloat16) == "blockwise"
-    # Long enough that the dense cuDNN bias would not fit: blockwise everywhere.
-    assert resolve_implementation("auto", 1, 131072, 128, jnp.bfloat16) == "blockwise"
+    if jax.default_backend() != "gpu":
+        assert resolve_implementation("auto", 1, 131072, 128, jnp.bfloat16) == "blockwise"
 
 
 def test_rejects_bad_shapes():
@@ -129,7 +129,8 @@ def test_rejects_bad_shapes():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
 def test_cudnn_honours_segments():
-    """cuDNN receives the segment mask as a dense bias: it must agree with blockwise on packed rows."""
+    """cuDNN's packed layout (per-row document tables) agrees with blockwise on packed GQA rows:
+    documents do not see each other (and jax's GQA key-offset bug is mended)."""
     Tc = 2048
     q, k, v, w = _inputs(2, Tc, 8, 2, 128, dtype=jnp.bfloat16)
     seg = np.zeros((2, Tc), np.int32)
