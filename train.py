@@ -6,6 +6,7 @@ Re-running the same command resumes from the newest checkpoint in the config's o
 import argparse
 
 from nemo_jax.errors import UserError, cli_main
+from nemo_jax.backend import select_platform
 from nemo_jax.runtime import tune_malloc
 
 
@@ -58,5 +59,6 @@ def main(argv=None):
 if __name__ == "__main__":
     # First, before JAX exists: XLA's CPU buffers then reuse one malloc heap instead of page-faulting
     # fresh mmaps every step (allocator parameters only; see nemo_jax/runtime.py).
+    select_platform()
     tune_malloc()
     main()

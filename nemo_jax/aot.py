@@ -56,8 +56,8 @@ def require() -> None:
 
 
 def use_cpu_backend() -> None:
-    """Keep this process on the CPU backend (call before any device is touched): with the CUDA
-    plugin installed and no GPU, jax would otherwise try, fail and print a traceback."""
+    """Keep this process on the CPU backend (call before any device is touched): the GPU program
+    is built by the CPU process, and with no GPU the CUDA plugin would only fail."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
@@ -123,9 +123,7 @@ class ProgramReport:
         k = self.attention_kernels
         if k:
             return ", ".join(f"{name} x{n}" for name, n in sorted(k.items()))
-        if self.while_loops:
-            return f"no fused kernel (plain-JAX loops: {self.while_loops} while loops)"
-        return "no fused kernel (XLA dots)"
+        return "no fused kernel: XLA's own ops (the dense or the blockwise path)"
 
 
 def report(hlo_text: str) -> ProgramReport:

@@ -16,13 +16,29 @@ compiler rewrites best (cuBLAS / FP8 GEMM fusions).
 
 from __future__ import annotations
 
-import jax
+import importlib.util
+import os
 
-from nemo_jax.sharding import active_mesh
+# jax is imported inside the functions: select_platform runs before JAX exists.
+
+
+def select_platform() -> None:
+    """For the CLIs, before any device is touched: on a machine without an NVIDIA GPU where the CUDA
+    plugin is installed anyway (the `aot` extra, for deviceless GPU plans), run on the CPU backend
+    instead of letting jax try the plugin, fail and print a traceback. JAX_PLATFORMS, when set,
+    decides as usual."""
+    if "JAX_PLATFORMS" in os.environ or os.path.exists("/dev/nvidiactl"):
+        return
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+        os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def platform() -> str:
     """"cpu", "gpu" or "tpu": where the program being traced will run."""
+    import jax
+
+    from nemo_jax.sharding import active_mesh
+
     mesh = active_mesh()
     if mesh is not None:
         return mesh.devices.flat[0].platform

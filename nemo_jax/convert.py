@@ -73,4 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from nemo_jax.backend import select_platform
+
+    select_platform()  # before JAX exists
     main(sys.argv[1:])

@@ -18,6 +18,8 @@ Two planners:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import time
 
@@ -65,17 +67,27 @@ def planned_devices(cfg, target: str, num_processes: int | None):
     return list(aot.devices(target, n, hosts)), hosts
 
 
-def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
-            num_processes: int | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The real train step of a config, compiled for its mesh (CPU, or a GPU target deviceless)."""
+
+    compiled: object  # jax.stages.Compiled
+    layout: object  # trainer.Layout
+    devices: list
+    hosts: int
+    target: str | None
+
+    @functools.cached_property
+    def hlo(self) -> str:
+        return self.compiled.as_text()
+
+
+def compile_step(cfg, target: str | None = None, num_processes: int | None = None) -> CompiledStep:
     from nemo_jax.trainer import check_run_config, make_layout
 
-    t0 = time.time()
     config = model_config_for(cfg)
     if target:
-        from nemo_jax import aot
-
         devices, hosts = planned_devices(cfg, target, num_processes)
-        device_memory = device_memory or aot.device_memory(target)
     else:
         devices, hosts = jax.devices(), jax.process_count()
     check_run_config(cfg, config, len(devices), hosts)
@@ -93,11 +105,24 @@ def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
                                      sharding=layout.batch_sh) for k in TL.BATCH_KEYS}
     lowered = layout.step_fn().lower(state, frozen, batch)
     compiled = lowered.compile(compiler_options=GPU_PLAN_OPTIONS) if target else lowered.compile()
+    return CompiledStep(compiled, layout, list(devices), hosts, target)
+
+
+def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
+            num_processes: int | None = None) -> dict:
+    t0 = time.time()
+    if target:
+        from nemo_jax import aot
+
+        device_memory = device_memory or aot.device_memory(target)
+    step = compile_step(cfg, target, num_processes)
+    compiled, layout, devices, hosts = step.compiled, step.layout, step.devices, step.hosts
+    config, mesh, tc = layout.config, layout.mesh, cfg.train
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
     n_params = M.count_params(M.abstract_variables(config)["params"])
-    n_trainable = M.count_params(state["trainable"])
+    n_trainable = M.count_params(layout.abstract_trainable())
     report = {
         "target": target or "cpu",
         "parameters": n_params,
@@ -116,7 +141,7 @@ def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
     if target:
         from nemo_jax import aot
 
-        program = aot.report(compiled.as_text())
+        program = aot.report(step.hlo)
         report.update(attention=program.attention_summary(), attention_kernels=program.attention_kernels,
                       gemms=program.gemms, fp8_gemms=program.fp8_gemms)
     # donated state buffers are reused for the outputs: count them once
