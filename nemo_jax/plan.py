@@ -71,6 +71,7 @@ def planned_devices(cfg, target: str, num_processes: int | None):
 class CompiledStep:
     """The real train step of a config, compiled for its mesh (CPU, or a GPU target deviceless)."""
 
+    cfg: object  # the RunConfig
     compiled: object  # jax.stages.Compiled
     layout: object  # trainer.Layout
     devices: list
@@ -105,7 +106,7 @@ def compile_step(cfg, target: str | None = None, num_processes: int | None = Non
                                      sharding=layout.batch_sh) for k in TL.BATCH_KEYS}
     lowered = layout.step_fn().lower(state, frozen, batch)
     compiled = lowered.compile(compiler_options=GPU_PLAN_OPTIONS) if target else lowered.compile()
-    return CompiledStep(compiled, layout, list(devices), hosts, target)
+    return CompiledStep(cfg, compiled, layout, list(devices), hosts, target)
 
 
 def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
