@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup setup-aot test demo bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# Deviceless GPU compilation (train.py --dry-run --target h100, the GPU-program tests): optional.
+setup-aot: $(STAMP)
+	$(BIN)/pip install -q -e '.[aot]'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

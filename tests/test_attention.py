@@ -141,3 +141,35 @@ def test_cudnn_honours_segments():
     got, got_grads = _value_and_grads("cudnn", q, k, v, w, seg)
     for g, h in zip((got, *got_grads), (want, *want_grads)):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32), atol=6e-2, rtol=3e-2)
+
+
+def test_segment_table_literal():
+    """cuDNN's packed layout: per row, the length and first index of each run of equal ids (the
+    padding run too), -1 for unused entries; the run count says whether the table held them all."""
+    from nemo_jax.attention import segment_table
+
+    seg = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1] * 7, [1, 2, 3, 4, 5, 6, 0]], jnp.int32)
+    lengths, offsets, n_runs = segment_table(seg, max_runs=4)
+    assert lengths.tolist() == [[3, 2, 2, -1], [7, -1, -1, -1], [1, 1, 1, 1]]
+    assert offsets.tolist() == [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1], [0, 1, 2, 3, -1]]
+    assert n_runs.tolist() == [3, 1, 7]  # the last row overflows a 4-entry table
+
+
+def test_cudnn_key_offsets_use_the_keys_stride():
+    """jax 0.10.2 scales packed key offsets by the query's N·H; under GQA they must be K·H apart
+    (jax PR #39521). The mended conversion gives element offsets of the keys' own layout."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    from nemo_jax.attention import _cudnn_wrapper
+
+    fixed = _cudnn_wrapper()._fix_seqlen_offsets
+    B, T, N, K, H = 2, 8, 4, 2, 16
+    q, k = jnp.zeros((B, T, N, H)), jnp.zeros((B, T, K, H))
+    lengths = jnp.array([[3, 5, -1], [8, -1, -1]], jnp.int32)
+    offsets = jnp.array([[0, 3, -1, -1], [0, -1, -1, -1]], jnp.int32)
+    q_len, kv_len, q_off, kv_off = fixed(lengths, lengths, offsets, offsets, q, k)
+    # Row-major [B, T, heads, H]: token t of row b starts at (b * T + t) * heads * H.
+    assert q_off.tolist()[0][:3] == [0, 3 * N * H, T * N * H]
+    assert kv_off.tolist()[0][:3] == [0, 3 * K * H, T * K * H]
+    assert q_len.tolist()[0][:3] == kv_len.tolist()[0][:3] == [3, 5, 8]
+    assert fa._fix_seqlen_offsets is fixed  # jax's own calls get the mended one

@@ -99,6 +99,21 @@ def test_doc_that_does_not_fit_starts_next_row():
     assert b["tokens"][1, :4].tolist() == [7, 8, 9, 10]
 
 
+def test_rows_hold_at_most_the_gpu_kernels_documents():
+    """The 64th short document of a row starts the next row (config.MAX_DOCUMENTS_PER_ROW), in
+    training and eval batches alike; no pair is lost."""
+    from nemo_jax.config import MAX_DOCUMENTS_PER_ROW
+
+    docs = synthetic_docs([3] * 150)  # 2 pairs each: 150 would fit a 512-token row 1.7 times over
+    eval_batches = list(EvalBatches(Documents.from_lists(docs), seq_len=512, batch_size=1))
+    train = PackedIterator([Documents.from_lists(docs)], 512, batch_size=3, seed=0)
+    for batch in eval_batches + [next(train)]:
+        check_rows(batch)
+        assert batch["segment_ids"].max() <= MAX_DOCUMENTS_PER_ROW
+    assert [int(b["segment_ids"].max()) for b in eval_batches] == [63, 63, 24]
+    assert len(stream_pairs(eval_batches)) == 300
+
+
 def test_epoch_has_every_pair_exactly_once():
     rng = np.random.default_rng(0)
     seq_len = 16
