@@ -84,3 +84,18 @@ def test_dry_run_plans_the_12b_full_finetune_on_8_devices():
     # FSDP: fp32 weights + two Adam moments = 12 bytes/param, split 8 ways
     args = float(r.stdout.split("arguments")[1].split("GiB")[0])
     assert abs(args - 12_247_782_400 * 12 / 8 / 2**30) < 0.1
+
+
+def test_target_errors_are_one_line(monkeypatch, capsys):
+    """--target without the aot extra, or without --dry-run: one line, exit 2, no traceback."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import train
+    from nemo_jax import aot
+
+    monkeypatch.setattr(aot, "available", lambda: False)
+    for argv, message in [(["--dry-run", "--target", "h100"], "needs the aot extra (pip install -e '.[aot]'"),
+                          (["--target", "h100"], "--target: plans a GPU run without a GPU; it needs --dry-run")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(["--config", "configs/tiny.yaml", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
