@@ -1,7 +1,7 @@
 """Held-out loss and perplexity of a model on JSONL files, or function-calling accuracy.
 
     python eval.py --checkpoint PATH --data FILE [FILE ...] [--config C] [--out metrics.json]
-                   [--batch-size N] [--seq-len N]
+                   [--batch-size N] [--seq-len N] [--mesh AXIS=N,...]
     python eval.py --checkpoint PATH --data FILE [FILE ...] --task tool-calls [--max-new-tokens N]
                    [--batch-size N] [--out metrics.json]
 
@@ -17,6 +17,7 @@ match); see nemo_jax/tool_eval.py.
 import argparse
 
 from nemo_jax.errors import cli_main
+from nemo_jax.backend import select_platform
 from nemo_jax.runtime import tune_malloc
 
 
@@ -33,6 +34,9 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="tekken.json (default: NeMo's, or the run's)")
     p.add_argument("--no-fp8", action="store_true",
                    help="a QAT run: evaluate the unquantised model (default: simulate its FP8 deployment)")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="devices to evaluate on, e.g. fsdp=8 or data=2,tensor=4 (one may be -1: fill); default: "
+                        "the run's / --config's mesh where it fits the devices, else one device")
     p.add_argument("--task", choices=["loss", "tool-calls"], default="loss",
                    help="loss: held-out loss/perplexity (default); tool-calls: generate and score each assistant turn")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tool-calls: tokens generated per turn (256)")
@@ -46,5 +50,6 @@ def main(argv=None):
 if __name__ == "__main__":
     # First, before JAX exists: XLA's CPU buffers then reuse one malloc heap instead of page-faulting
     # fresh mmaps every step (allocator parameters only; see nemo_jax/runtime.py).
+    select_platform()
     tune_malloc()
     main()

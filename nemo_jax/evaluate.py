@@ -30,25 +30,64 @@ def _run_config(args):
     return None
 
 
-def load_for_eval(path: str, dtype: str | None):
-    """(config, params, lora_params, lora spec) from a run directory or any model checkpoint."""
-    from nemo_jax.trainer import load_run
+def eval_mesh(flag: str | None, cfg):
+    """The mesh to evaluate on: `--mesh` (e.g. "fsdp=8", "data=2,tensor=4"), else the run's / --config's
+    mesh if it fits the devices there are, else the first device alone."""
+    from nemo_jax.trainer import default_mesh
+
+    if flag:
+        return S.make_mesh(**S.parse_mesh(flag, "--mesh"))
+    if cfg is not None:
+        m = cfg.mesh
+        try:
+            S.mesh_shape(m.data, m.fsdp, m.tensor, m.sequence, jax.device_count())
+        except UserError:  # trained on another device count: it is read onto this one
+            return default_mesh()
+        return S.make_mesh(m.data, m.fsdp, m.tensor, m.sequence)
+    return default_mesh()
+
+
+def check_eval_shape(mesh, batch_size: int, seq_len: int) -> None:
+    """Batches are split over the mesh as in training: rows over the data-parallel devices, positions
+    over the sequence-parallel ones."""
+    rows, positions = S.batch_split(mesh)
+    if batch_size % rows:
+        raise UserError(f"--batch-size {batch_size}: must be divisible by the mesh's {rows} data-parallel "
+                        f"ways ({S.describe(mesh)})")
+    if seq_len % positions:
+        raise UserError(f"--seq-len {seq_len}: must be divisible by the mesh's {positions} sequence-parallel "
+                        f"ways ({S.describe(mesh)})")
+
+
+def load_for_eval(path: str, dtype: str | None, mesh=None):
+    """(config, params, lora_params, lora spec) from a run directory or any model checkpoint, laid out
+    on `mesh` (default: the first device) by the training rules. `dtype` is the compute dtype."""
+    from nemo_jax.trainer import default_mesh, load_run
 
     p = Path(path)
     if not p.exists():
         raise UserError(f"--checkpoint {path}: no such file or directory")
+    mesh = mesh if mesh is not None else default_mesh()
     if (p / "run.json").exists():
-        config, params, lora_params, spec = load_run(p)
+        config, params, lora_params, spec = load_run(p, mesh=mesh)
     else:
-        from nemo_jax.checkpoint import load
+        from nemo_jax.checkpoint import load_abstract, restore
 
-        (config, params), lora_params, spec = load(path), None, None
+        shardings = param_shardings(load_abstract(path)[0], mesh)
+        (config, params), lora_params, spec = restore(path, shardings), None, None
     if dtype:
         config = config.replace(dtype=dtype)
     return config, params, lora_params, spec
 
 
-def load_fp8_for_eval(path: str, params):
+def param_shardings(config, mesh):
+    """The training rules' shardings of the model's param tree on `mesh`."""
+    from nemo_jax import model as M
+
+    return S.tree_shardings(M.logical_axes(config)["params"], M.abstract_variables(config)["params"], mesh)
+
+
+def load_fp8_for_eval(path: str, params, mesh=None):
     """(params, (Fp8Spec, state)) when `path` is a QAT run: evaluation then simulates the served
     FP8 model (quantised inputs and weights, the trained scales; an FP8-stored base quantised as in
     training); else (params, None)."""
@@ -57,7 +96,7 @@ def load_fp8_for_eval(path: str, params):
 
     if not (Path(path) / "run.json").exists():
         return params, None
-    spec, state = load_run_fp8(path)
+    spec, state = load_run_fp8(path, mesh=mesh)
     if spec is None:
         return params, None
     if spec.base_fp8:
@@ -66,15 +105,23 @@ def load_fp8_for_eval(path: str, params):
 
 
 def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len, batch_size,
-                   loss_chunk=1024, fp8=None) -> dict:
-    """fp8: (Fp8Spec, state) for an FP8-simulated forward."""
+                   loss_chunk=1024, fp8=None, mesh=None) -> dict:
+    """fp8: (Fp8Spec, state) for an FP8-simulated forward. `mesh`: the one the params lie on (default:
+    the first device); batches are split over it as in training."""
     from nemo_jax.data import make_eval_batches
-    from nemo_jax.trainer import evaluate
+    from nemo_jax.trainer import default_mesh, evaluate
 
-    mesh = S.make_mesh(devices=jax.devices()[:1])
+    mesh = mesh if mesh is not None else default_mesh()
+    check_eval_shape(mesh, batch_size, seq_len)
     fp8_spec, fp8_state = fp8 or (None, None)
     step_spec = TL.StepSpec(config, spec, "none", 1, loss_chunk, fp8_spec)
-    eval_sums = jax.jit(functools.partial(TL.eval_sums, step_spec))
+    traced = functools.partial(TL.eval_sums, step_spec)
+
+    def sums(*args):  # activations laid out by the training rules, as in the training step
+        with S.activation_mesh(mesh):
+            return traced(*args)
+
+    eval_sums = jax.jit(sums)
     eval_fn = lambda p, lp, b: eval_sums(p, lp, b, fp8_state)
     results = {}
     for path in files:
@@ -119,13 +166,17 @@ def main_eval(args) -> dict:
         raise UserError("--seq-len must be ≥ 2 and --batch-size ≥ 1")
     from nemo_jax.checkpoint.fp8_io import is_fp8_checkpoint, load_fp8_export
 
+    mesh = eval_mesh(getattr(args, "mesh", None), cfg)
+    check_eval_shape(mesh, batch_size, seq_len)
     if Path(args.checkpoint).is_dir() and is_fp8_checkpoint(args.checkpoint):
         config, params, fp8_spec, fp8_state = load_fp8_export(args.checkpoint)
         config = config.replace(dtype=dtype) if dtype else config
+        params = jax.device_put(params, param_shardings(config, mesh))
+        fp8_state = jax.device_put(fp8_state, S.replicated(mesh))
         lora_params, spec, fp8 = None, None, (fp8_spec, fp8_state)
     else:
-        config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype)
-        params, fp8 = load_fp8_for_eval(args.checkpoint, params) if not getattr(args, "no_fp8", False) \
+        config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype, mesh)
+        params, fp8 = load_fp8_for_eval(args.checkpoint, params, mesh) if not getattr(args, "no_fp8", False) \
             else (params, None)
     if fp8 is not None:
         print(f"{args.checkpoint}: FP8 model: evaluating the simulated FP8 forward "
@@ -133,7 +184,7 @@ def main_eval(args) -> dict:
     tokenizer = tokenizer_for(config, tok_path)
     loss_chunk = cfg.train.loss_chunk if cfg else 1024
     results = evaluate_files(config, params, lora_params, spec, args.data, tokenizer, seq_len, batch_size,
-                             loss_chunk, fp8)
+                             loss_chunk, fp8, mesh)
     print(format_table(results))
     write_results(results, args.out)
     return results

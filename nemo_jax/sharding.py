@@ -98,6 +98,38 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh))
 
 
+def batch_split(mesh: Mesh) -> tuple[int, int]:
+    """(ways the batch's rows are split, ways its positions are split) on `mesh`."""
+    ways = lambda entry: math.prod(mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry or ()))
+    rows, positions = (tuple(batch_sharding(mesh).spec) + (None, None))[:2]
+    return ways(rows), ways(positions)
+
+
+def describe(mesh: Mesh) -> str:
+    """'fsdp=4, tensor=2': the mesh's axes of more than one device ('1 device' for none)."""
+    return ", ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
+
+
+def parse_mesh(text: str, where: str = "mesh") -> dict[str, int]:
+    """'fsdp=8' or 'data=2,tensor=4' -> make_mesh's keyword arguments (unnamed axes 1, one may be -1)."""
+    shape = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if name not in AXES or not eq:
+            raise UserError(f"{where} {text!r}: expected AXIS=N[,AXIS=N...] with AXIS among {', '.join(AXES)}")
+        try:
+            n = int(value)
+        except ValueError:
+            raise UserError(f"{where} {text!r}: {name}={value.strip()!r} is not an integer") from None
+        if n < 1 and n != -1:
+            raise UserError(f"{where} {text!r}: {name} must be a positive size or -1 (fill)")
+        shape[name] = n
+    if not shape:
+        raise UserError(f"{where} {text!r}: expected AXIS=N[,AXIS=N...] with AXIS among {', '.join(AXES)}")
+    return shape
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

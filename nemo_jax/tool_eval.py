@@ -244,7 +244,7 @@ def format_table(results: dict) -> str:
 
 def main_tool_eval(args) -> dict:
     """eval.py --task tool-calls."""
-    from nemo_jax.evaluate import _run_config, load_for_eval, write_results
+    from nemo_jax.evaluate import _run_config, eval_mesh, load_for_eval, write_results
     from nemo_jax.trainer import tokenizer_for
 
     cfg = _run_config(args)
@@ -253,7 +253,8 @@ def main_tool_eval(args) -> dict:
     if batch_size < 1 or max_new < 1:
         raise UserError("--batch-size and --max-new-tokens must be ≥ 1")
     dtype = args.dtype or (cfg.model.dtype if cfg else None)
-    config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype)
+    mesh = eval_mesh(getattr(args, "mesh", None), cfg)
+    config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype, mesh)
     tokenizer = tokenizer_for(config, args.tokenizer or (cfg.data.tokenizer if cfg else None))
     results = evaluate_tool_calls(config, params, lora_params, spec, args.data, tokenizer, max_new, batch_size)
     print(format_table(results))

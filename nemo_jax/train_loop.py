@@ -299,6 +299,22 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state) -
     return restored["state"], restored["meta"]
 
 
+def restore_arrays(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:
+    """Only `targets`' parts of a checkpoint's state (e.g. {"trainable": tree}), each array read
+    straight into its ShapeDtypeStruct's sharding and dtype, whatever mesh or process count wrote it;
+    the rest (the optimizer's moments, twice the model) is not read at all."""
+    restore_args = jax.tree.map(
+        lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape), targets)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=targets, restore_args=restore_args, partial_restore=True)))
+    except (ValueError, KeyError) as e:  # orbax: a part or a shape this checkpoint does not have
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{mngr.directory}/{step}: the checkpoint does not hold the {'/'.join(targets)} its "
+                        f"run.json describes ({first})") from None
+    return restored["state"]
+
+
 def latest_step(run_dir: Path) -> int | None:
     ckpt = Path(run_dir) / "checkpoints"
     if not ckpt.is_dir():

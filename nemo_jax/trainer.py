@@ -407,53 +407,84 @@ def train(cfg) -> Path:
 
 
 # --- reading a run back ------------------------------------------------------------------------------
+#
+# Everything that uses a finished (or stopped) run reads it through these: eval.py, export, nemo_jax.load,
+# chat. They read only parameters (the model or the adapters, and the FP8 scales), never the optimizer
+# state, each array straight into the shardings of the mesh asked for (by default the first device), so
+# a run trained on any mesh and any number of hosts is usable from any device count.
 
 
-def load_run(run_dir, dtype=None, step=None):
-    """(ModelConfig, base params, lora params or None, LoraSpec or None) of a run's newest checkpoint."""
-    import orbax.checkpoint as ocp
-
+def read_run(run_dir) -> tuple[ModelConfig, M.LoraSpec | None, F8.Fp8Spec | None]:
+    """(ModelConfig, LoraSpec or None, Fp8Spec or None) of a run, from its run.json alone."""
     run_dir = Path(run_dir)
     info = TL.read_run_info(run_dir)
     config = ModelConfig.from_dict(info["model"], source=str(run_dir / "run.json"))
     spec = M.LoraSpec(**{**info["lora"], "targets": tuple(info["lora"]["targets"])}) if info["lora"] else None
-    mngr = TL.checkpoint_manager(run_dir, keep=1 << 30, async_save=False)
+    fp8 = F8.Fp8Spec(**{**info["fp8"], "targets": tuple(info["fp8"]["targets"])}) if info.get("fp8") else None
+    return config, spec, fp8
+
+
+def run_checkpoint(run_dir, step=None):
+    """(checkpoint manager, step) of a run's newest complete checkpoint, or of `step`."""
+    mngr = TL.checkpoint_manager(Path(run_dir), keep=1 << 30, async_save=False)
     step = step if step is not None else mngr.latest_step()
     if step is None:
         raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    trainable = restored["state"]["trainable"]
-    if dtype is not None:
-        config = config.replace(param_dtype=dtype)
-    if spec is None:
-        params = jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), trainable)
-        return config, params, None, None
-    base = info["base"]
-    if base["checkpoint"]:
-        from nemo_jax.checkpoint import load
-
-        _, params = load(base["checkpoint"], dtype=config.param_dtype)
-    else:
-        base_rng, _ = jax.random.split(jax.random.key(base["seed"]))
-        params = M.init_params(config, base_rng)["params"]
-    return config, params, trainable, spec
+    if step not in mngr.all_steps():
+        raise UserError(f"{run_dir}: no checkpoint of step {step} (there are {sorted(mngr.all_steps())})")
+    return mngr, step
 
 
-def load_run_fp8(run_dir, step=None) -> tuple[F8.Fp8Spec | None, dict | None]:
-    """(Fp8Spec, FP8 scaling state) of a QAT run's newest checkpoint; (None, None) for other runs."""
-    import orbax.checkpoint as ocp
+def default_mesh():
+    """The first device alone: where a run is read when no mesh is asked for."""
+    return S.make_mesh(devices=jax.devices()[:1])
 
+
+def load_run(run_dir, dtype=None, step=None, mesh=None):
+    """(ModelConfig, base params, lora params or None, LoraSpec or None) of a run's newest checkpoint
+    (or `step`'s), laid out on `mesh` (default: the first device) by the training rules.
+
+    `dtype` sets the model's param dtype (a LoRA run's adapters stay float32, as trained). A LoRA
+    run's base is read again from the checkpoint run.json names, or re-initialised from its seed.
+    """
     run_dir = Path(run_dir)
-    info = TL.read_run_info(run_dir).get("fp8")
-    if not info:
+    config, spec, _ = read_run(run_dir)
+    mesh = mesh if mesh is not None else default_mesh()
+    mngr, step = run_checkpoint(run_dir, step)
+    axes, abstract = M.logical_axes(config, spec), M.abstract_variables(config, spec)
+    param_sh = S.tree_shardings(axes["params"], abstract["params"], mesh)
+    out = config.replace(param_dtype=dtype) if dtype is not None else config
+    if spec is None:
+        target = _with_shardings(_with_dtype(abstract["params"], out.param_dtype), param_sh)
+        return out, TL.restore_arrays(mngr, step, {"trainable": target})["trainable"], None, None
+    lora_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
+    target = _with_shardings(_with_dtype(abstract["lora"], jnp.float32), lora_sh)
+    lora_params = TL.restore_arrays(mngr, step, {"trainable": target})["trainable"]
+    base = TL.read_run_info(run_dir)["base"]
+    if base["checkpoint"]:
+        from nemo_jax.checkpoint import restore
+
+        _, params = restore(base["checkpoint"], param_sh, dtype=out.param_dtype)
+    else:  # as init_arrays made it: the run's own param dtype, then cast
+        base_rng, _ = jax.random.split(jax.random.key(base["seed"]))
+        params = jax.jit(lambda r: M.init_params(config, r)["params"], out_shardings=param_sh)(base_rng)
+        if out.param_dtype != config.param_dtype:
+            params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(out.param_dtype), p),
+                             out_shardings=param_sh)(params)
+    return out, params, lora_params, spec
+
+
+def load_run_fp8(run_dir, step=None, mesh=None) -> tuple[F8.Fp8Spec | None, dict | None]:
+    """(Fp8Spec, FP8 scaling state, replicated on `mesh`) of a QAT run's newest checkpoint (or `step`'s);
+    (None, None) for other runs."""
+    config, lora, spec = read_run(run_dir)
+    if spec is None:
         return None, None
-    spec = F8.Fp8Spec(**{**info, "targets": tuple(info["targets"])})
-    mngr = TL.checkpoint_manager(run_dir, keep=1 << 30, async_save=False)
-    step = step if step is not None else mngr.latest_step()
-    if step is None:
-        raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return spec, jax.tree.map(jnp.asarray, restored["state"]["fp8"])
+    mngr, step = run_checkpoint(run_dir, step)
+    rep = S.replicated(mesh if mesh is not None else default_mesh())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          jax.eval_shape(lambda: M.init_fp8(config, spec, lora)[0]))
+    return spec, TL.restore_arrays(mngr, step, {"fp8": target})["fp8"]
 
 
 def load_run_merged(run_dir, dtype=None):
@@ -461,3 +492,7 @@ def load_run_merged(run_dir, dtype=None):
     if spec is not None:
         params = lora_lib.merge(params, lora_params, spec)
     return config, params
+
+
+def _with_dtype(abstract, dtype):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)), abstract)

@@ -3,10 +3,16 @@
 A run's newest checkpoint holds either the whole model (full fine-tuning) or only LoRA adapters
 plus a reference to the base (run.json). `RunSource` serves the model weights with the adapters
 merged, and keeps the adapters themselves for `export --format peft`.
+
+Only parameters are read (never the optimizer state), and only when first needed: the config and
+the tree's shapes come from run.json, so `load_abstract` on a run reads no weights. A full
+fine-tune restored into shardings (`restore`, training from a run) goes straight from the
+checkpoint into them, on any mesh; the other paths read the run onto one device first.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +31,35 @@ class RunSource(ParamsSource):
     before any cast (the weight a QAT run quantised), and an FP8-stored base as the run saw it."""
 
     def __init__(self, path: Path):
+        from nemo_jax.train_loop import read_run_info
+        from nemo_jax.trainer import read_run, run_checkpoint
+
+        self.path = Path(path)
+        self.config, self.lora, self.fp8_spec = read_run(path)
+        run_checkpoint(path)  # a run without a complete checkpoint is an error here, not at the first read
+        self.stored_dtype = self.config.param_dtype
+        self.base_path = read_run_info(path)["base"]["checkpoint"] if self.lora is not None else None
+        what = "LoRA merged" if self.lora else "full fine-tune"
+        self.description = f"{path} (training run, {what})"
+
+    @functools.cached_property
+    def _arrays(self):
         from nemo_jax.trainer import load_run, load_run_fp8
 
-        config, params, self.lora_params, self.lora = load_run(path)
-        self.fp8_spec, self.fp8_state = load_run_fp8(path)  # QAT runs: the trained scales (hf-fp8 export)
-        self.base_path = None
-        if self.lora is not None:
-            from nemo_jax.train_loop import read_run_info
+        _, params, lora_params, _ = load_run(self.path)
+        return params, lora_params, load_run_fp8(self.path)[1]  # QAT runs: the trained scales (hf-fp8 export)
 
-            self.base_path = read_run_info(path)["base"]["checkpoint"]
-        what = "LoRA merged" if self.lora else "full fine-tune"
-        super().__init__(config, params, path, f"{path} (training run, {what})")
+    params = property(lambda self: self._arrays[0])
+    lora_params = property(lambda self: self._arrays[1])
+    fp8_state = property(lambda self: self._arrays[2])
+
+    def restore(self, abstract) -> dict:
+        if self.lora is None and not (self.fp8_spec is not None and self.fp8_spec.base_fp8):
+            from nemo_jax.train_loop import restore_arrays
+            from nemo_jax.trainer import run_checkpoint
+
+            return restore_arrays(*run_checkpoint(self.path), {"trainable": abstract})["trainable"]
+        return super().restore(abstract)
 
     def read_leaf(self, leaf, dtype, layers=None, on_bytes=None, out=None) -> np.ndarray:
         import jax.numpy as jnp
