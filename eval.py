@@ -43,6 +43,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from nemo_jax.evaluate import main_eval
+    from nemo_jax.hub import resolve_model
+
+    args.checkpoint = str(resolve_model(args.checkpoint))  # a Hub id -> its snapshot (nemo_jax/hub.py)
 
     main_eval(args)
 

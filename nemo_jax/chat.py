@@ -188,10 +188,12 @@ def main(argv=None):
 
     from nemo_jax.evaluate import _run_config, load_for_eval
     from nemo_jax.generate import _check_sampling
+    from nemo_jax.hub import resolve_model
     from nemo_jax.trainer import tokenizer_for
 
     _check_sampling(args.temperature, args.top_k, args.top_p)
     tools = load_tools(args.tools) if args.tools else None
+    args.checkpoint = str(resolve_model(args.checkpoint))  # a Hub id -> its snapshot (nemo_jax/hub.py)
     cfg = _run_config(SimpleNamespace(config=None, checkpoint=args.checkpoint))
     config, params, lora_params, spec = load_for_eval(args.checkpoint, args.dtype or (cfg.model.dtype if cfg else None))
     tokenizer = tokenizer_for(config, args.tokenizer or (cfg.data.tokenizer if cfg else None))

@@ -48,8 +48,9 @@ def model_config_for(cfg) -> ModelConfig:
     """The architecture from the checkpoint's metadata (headers only) or the preset."""
     if cfg.model.checkpoint:
         from nemo_jax.checkpoint import load_abstract
+        from nemo_jax.hub import model_config  # a Hub id: config.json alone, or the built-in NeMo architecture
 
-        config, _ = load_abstract(cfg.model.checkpoint)
+        config = model_config(cfg.model.checkpoint) or load_abstract(cfg.model.checkpoint)[0]
     else:
         config = preset(cfg.model.preset)
     return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)

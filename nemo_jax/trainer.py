@@ -23,6 +23,7 @@ from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
 from nemo_jax.config import ModelConfig
 from nemo_jax.errors import UserError
+from nemo_jax.hub import model_reference
 from nemo_jax.distributed import is_main_process
 from nemo_jax.plan import model_config_for
 from nemo_jax.metrics import MetricsWriter, NullWriter, plot_losses
@@ -319,7 +320,7 @@ def train(cfg) -> Path:
         "model": config.to_dict(),
         "lora": dataclasses.asdict(spec_lora) if spec_lora else None,
         "fp8": dataclasses.asdict(layout.fp8) if layout.fp8 else None,
-        "base": {"checkpoint": str(Path(cfg.model.checkpoint).absolute()) if cfg.model.checkpoint else None,
+        "base": {"checkpoint": model_reference(cfg.model.checkpoint) if cfg.model.checkpoint else None,
                  "preset": cfg.model.preset, "seed": tc.seed},
     }
     main = is_main_process()  # one writer of run files and metrics in a multi-host run

@@ -35,6 +35,7 @@ from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, HF_SINGLE, MISTRAL
                                          ParamsSource, SafetensorsSource, Source)
 from nemo_jax.config import ModelConfig
 from nemo_jax.errors import UserError
+from nemo_jax.hub import resolve_model
 
 FORMATS = ("nemo_jax", "hf", "mistral")
 
@@ -67,6 +68,7 @@ def detect_format(path: Path) -> str:
 
 def open_checkpoint(path: Path, fmt: str | None = None) -> Source:
     """A Source for `path`, detecting the format unless `fmt` says it."""
+    path = resolve_model(path)  # a Hub id -> its downloaded snapshot (nemo_jax/hub.py); local paths as given
     fmt = fmt or detect_format(path)
     if fmt == "nemo_jax":
         return resolve_checkpoint(path)
