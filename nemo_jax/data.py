@@ -13,11 +13,13 @@ API
 
 Sources
     A source is a `.jsonl`, `.json` (a JSON array, or JSON lines) or `.parquet` file, a directory
-    (searched recursively for those) or a glob. `path:weight` mixes sources by weight, as in
-    mistral-finetune: each document is drawn from source i with probability w_i / sum(w).
-    Records are `{"text": str}` (pretraining: `<s> text </s>`, every token trained) or
-    `{"messages": [...], "tools": [...]}` (instruct, `Tokenizer.encode_chat`: only assistant turns
-    are trained). Other keys are ignored; in parquet, `messages`/`tools` may be JSON strings.
+    (searched recursively for those), a glob, a `datasets` save_to_disk directory or an `hf:` Hub
+    dataset, as a path or a `records.DataSource` (records.py). `path:weight` mixes sources by weight,
+    as in mistral-finetune: each document is drawn from source i with probability w_i / sum(w).
+    Every record is normalised by `records.normalize` (text, messages + tools, prompt/completion,
+    ShareGPT, Alpaca, renamed by the source's `columns`) to `{"text": str}` (pretraining:
+    `<s> text </s>`, every token trained) or `{"messages": [...], "tools": [...]}` (instruct,
+    `Tokenizer.encode_chat`: only assistant turns are trained). Other keys are ignored.
 
 Tokenisation
     Each file is tokenized once with `datasets.map` (in parallel for large files) and saved under
@@ -65,7 +67,6 @@ Bad data
     and reported in `summary()` and the log. A source with no documents or no trained tokens is an error.
 """
 
-import glob
 import hashlib
 import json
 import logging
@@ -82,10 +83,11 @@ import pyarrow.parquet as pq
 
 from nemo_jax.config import MAX_DOCUMENTS_PER_ROW
 from nemo_jax.errors import UserError
+from nemo_jax.records import EXTENSIONS as _EXTENSIONS
+from nemo_jax.records import SAVED_EXTENSION, DataSource, as_source, normalize, resolve, source_files  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = (".jsonl", ".json", ".parquet")
 _RAW = datasets.Features(
     {"loc": datasets.Value("int64"), "raw": datasets.Value("string"), "error": datasets.Value("string")}
 )
@@ -101,7 +103,7 @@ _TOKENIZED = datasets.Features({
 def _code_version() -> str:
     """Hash of the code that produces tokenized files, so a change invalidates their caches."""
     h = hashlib.sha256()
-    for mod in ("tokenizer.py", "data.py"):
+    for mod in ("tokenizer.py", "data.py", "records.py"):
         with open(os.path.join(os.path.dirname(__file__), mod), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
@@ -128,25 +130,6 @@ def parse_source(spec: str) -> tuple[str, float]:
     return path, w
 
 
-def source_files(path: str) -> list[str]:
-    """The data files a path, directory or glob stands for, sorted."""
-    if any(c in path for c in "*?["):
-        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f) and f.endswith(_EXTENSIONS))
-    elif os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, f) for root, _, names in os.walk(path) for f in names if f.endswith(_EXTENSIONS)
-        )
-    elif os.path.isfile(path):
-        if not path.endswith(_EXTENSIONS):
-            raise UserError(f"{path}: unsupported data file type, expected one of {', '.join(_EXTENSIONS)}")
-        files = [path]
-    else:
-        raise UserError(f"{path}: no such data file or directory")
-    if not files:
-        raise UserError(f"{path}: no {'/'.join(_EXTENSIONS)} files found")
-    return files
-
-
 # ---- reading and tokenizing one file ----------------------------------------------------------
 
 
@@ -154,7 +137,7 @@ def _where(path: str, loc: int) -> str:
     """How an error names a record: file:line for JSON lines, else the record/row number."""
     if path.endswith(".jsonl") or path.endswith(".json") and not _is_json_array(path):
         return f"{path}:{loc}"
-    return f"{path}: {'row' if path.endswith('.parquet') else 'record'} {loc}"
+    return f"{path}: {'row' if path.endswith(('.parquet', SAVED_EXTENSION)) else 'record'} {loc}"
 
 
 def _is_json_array(path: str) -> bool:
@@ -168,16 +151,16 @@ def _is_json_array(path: str) -> bool:
 
 def _read_records(path: str):
     """Yield {"loc", "raw" (one record as JSON text), "error"}; never raises on bad records."""
-    if path.endswith(".parquet"):
+    if path.endswith((".parquet", SAVED_EXTENSION)):
         row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in _row_batches(path):
             for rec in batch.to_pylist():
                 row += 1
                 try:
                     for key in ("messages", "tools"):
                         if isinstance(rec.get(key), str):
                             rec[key] = json.loads(rec[key])
-                    yield {"loc": row, "raw": json.dumps(rec, ensure_ascii=False), "error": ""}
+                    yield {"loc": row, "raw": json.dumps(rec, ensure_ascii=False, default=str), "error": ""}
                 except (ValueError, TypeError) as e:
                     yield {"loc": row, "raw": "", "error": f"cannot read row: {e}"}
     elif path.endswith(".json") and _is_json_array(path):
@@ -196,10 +179,21 @@ def _read_records(path: str):
                     yield {"loc": line_no, "raw": "", "error": f"not valid UTF-8 at byte {e.start}"}
 
 
+def _row_batches(path: str):
+    """Record batches of a parquet file or of a saved dataset's Arrow (IPC stream) file."""
+    if path.endswith(".parquet"):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
+    else:
+        with pa.memory_map(path) as source:
+            yield from pa.ipc.open_stream(source)
+
+
 def _check_records(path: str) -> None:
     """File-level problems: a .json array that does not parse, a file with no records at all."""
     if path.endswith(".parquet"):
         empty = pq.ParquetFile(path).metadata.num_rows == 0
+    elif path.endswith(SAVED_EXTENSION):
+        empty = not any(len(b) for b in _row_batches(path))
     elif path.endswith(".json") and _is_json_array(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -218,27 +212,7 @@ def _check_records(path: str) -> None:
         raise UserError(f"{path}: no records")
 
 
-def _record_kind(rec) -> str:
-    """'text' or 'messages'; raises UserError(reason) for anything else."""
-    if not isinstance(rec, dict):
-        raise UserError(f"a record must be a JSON object, got {type(rec).__name__}")
-    has_text, has_messages = rec.get("text") is not None, rec.get("messages") is not None
-    if has_text and has_messages:
-        raise UserError("a record has either 'text' or 'messages', not both")
-    if has_text:
-        if not isinstance(rec["text"], str):
-            raise UserError(f"'text' must be a string, got {type(rec['text']).__name__}")
-        return "text"
-    if has_messages:
-        if not isinstance(rec["messages"], list):
-            raise UserError(f"'messages' must be a list, got {type(rec['messages']).__name__}")
-        if rec.get("tools") is not None and not isinstance(rec["tools"], list):
-            raise UserError(f"'tools' must be a list, got {type(rec['tools']).__name__}")
-        return "messages"
-    raise UserError(f"a record needs 'text' or 'messages'; found keys {sorted(rec)}")
-
-
-def _tokenize_batch(batch: dict, tokenizer) -> dict:
+def _tokenize_batch(batch: dict, tokenizer, columns=()) -> dict:
     n = len(batch["raw"])
     ids, mask, errors = [[] for _ in range(n)], [[] for _ in range(n)], list(batch["error"])
     texts = {}
@@ -246,8 +220,8 @@ def _tokenize_batch(batch: dict, tokenizer) -> dict:
         if errors[i]:
             continue
         try:
-            rec = json.loads(batch["raw"][i])
-            if _record_kind(rec) == "text":
+            rec = normalize(json.loads(batch["raw"][i]), columns)  # every format -> text or messages
+            if "text" in rec:
                 texts[i] = rec["text"]
             else:
                 ids[i], mask[i] = tokenizer.encode_chat(rec["messages"], rec.get("tools"))
@@ -261,11 +235,15 @@ def _tokenize_batch(batch: dict, tokenizer) -> dict:
     return {"loc": batch["loc"], "error": errors, "ids": ids, "mask": mask, "trained": trained}
 
 
-def tokenize_file(path: str, tokenizer, *, num_proc: int | None = None, cache_dir: str | None = None):
-    """One data file -> a datasets.Dataset (loc, error, ids, mask, trained), cached on disk."""
+def tokenize_file(path: str, tokenizer, *, columns=(), num_proc: int | None = None, cache_dir: str | None = None):
+    """One data file -> a datasets.Dataset (loc, error, ids, mask, trained), cached on disk.
+
+    `columns`: the source's field mapping ((canonical, field) pairs, records.normalize)."""
     cache_dir = cache_dir or default_cache_dir()
     st = os.stat(path)
-    key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, tokenizer.fingerprint, _code_version()])
+    columns = [list(c) for c in columns]
+    key = json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns, tokenizer.fingerprint, _code_version()]
+                     + ([columns] if columns else []))
     key = hashlib.sha256(key.encode()).hexdigest()[:24]
     out = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
     if os.path.exists(os.path.join(out, "dataset_info.json")):
@@ -286,7 +264,7 @@ def tokenize_file(path: str, tokenizer, *, num_proc: int | None = None, cache_di
             num_proc=num_proc if num_proc > 1 else None,
             remove_columns=["raw"],
             features=_TOKENIZED,
-            fn_kwargs={"tokenizer": tokenizer},
+            fn_kwargs={"tokenizer": tokenizer, "columns": columns},
             new_fingerprint=key,
             desc=f"tokenizing {os.path.basename(path)}",
         )
@@ -358,11 +336,13 @@ class Documents:
         return s
 
 
-def load_documents(path: str, tokenizer, *, skip_bad_records=False, num_proc=None, cache_dir=None) -> Documents:
-    """Tokenize (or load from cache) every file of a source path/dir/glob."""
+def load_documents(path, tokenizer, *, skip_bad_records=False, num_proc=None, cache_dir=None) -> Documents:
+    """Tokenize (or load from cache) every file of a source: a path/dir/glob/hf: spec or a DataSource."""
+    source = as_source(path)
+    path = str(source)
     tables, bad, bad_example = [], 0, ""
-    for f in source_files(path):
-        table = tokenize_file(f, tokenizer, num_proc=num_proc, cache_dir=cache_dir).data.table
+    for f in resolve(source):
+        table = tokenize_file(f, tokenizer, columns=source.columns, num_proc=num_proc, cache_dir=cache_dir).data.table
         errors = table.column("error")
         bad_rows = pc.indices_nonzero(pc.not_equal(errors, "")).to_numpy()
         if len(bad_rows):
@@ -557,19 +537,19 @@ class EvalBatches:
 
 
 def make_train_iterator(
-    sources: list[str] | str, tokenizer, seq_len: int, batch_size: int, seed: int, skip_bad_records: bool = False,
+    sources: list[str | DataSource] | str, tokenizer, seq_len: int, batch_size: int, seed: int, skip_bad_records: bool = False,
     process_index: int = 0, process_count: int = 1, *, num_proc: int | None = None, cache_dir: str | None = None,
 ) -> PackedIterator:  # fmt: skip
-    """Packed, shuffled, mixed training batches from `path[:weight]` sources."""
-    specs = [sources] if isinstance(sources, str) else list(sources)
+    """Packed, shuffled, mixed training batches from `path[:weight]` sources (or DataSources)."""
+    specs = [sources] if isinstance(sources, (str, DataSource)) else list(sources)
     if not specs:
         raise UserError("no training data sources given")
-    parsed = [parse_source(s) for s in specs]
+    parsed = [s if isinstance(s, DataSource) else DataSource(*parse_source(s)) for s in specs]
     docs = [
-        load_documents(p, tokenizer, skip_bad_records=skip_bad_records, num_proc=num_proc, cache_dir=cache_dir)
-        for p, _ in parsed
+        load_documents(s, tokenizer, skip_bad_records=skip_bad_records, num_proc=num_proc, cache_dir=cache_dir)
+        for s in parsed
     ]
-    it = PackedIterator(docs, seq_len, batch_size, seed, weights=[w for _, w in parsed], pad_id=tokenizer.pad_id,
+    it = PackedIterator(docs, seq_len, batch_size, seed, weights=[s.weight for s in parsed], pad_id=tokenizer.pad_id,
                         process_index=process_index, process_count=process_count)  # fmt: skip
     log.info("training data:\n%s", it.summary())
     return it

@@ -125,7 +125,7 @@ def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len,
     eval_fn = lambda p, lp, b: eval_sums(p, lp, b, fp8_state)
     results = {}
     for path in files:
-        if not Path(path).exists():
+        if not Path(path).exists() and not str(path).startswith("hf:"):  # hf: a Hub dataset (records.py)
             raise UserError(f"--data {path}: no such file")
         batches = make_eval_batches(path, tokenizer, seq_len, batch_size)
         loss, count = evaluate(eval_fn, params, lora_params, batches, S.batch_sharding(mesh))

@@ -44,6 +44,7 @@ from nemo_jax.fp8 import DEFAULT_TARGETS as FP8_DEFAULT_TARGETS
 from nemo_jax.fp8 import RECIPES as FP8_RECIPES
 from nemo_jax.fp8 import TARGETS as FP8_TARGETS
 from nemo_jax.model import LORA_TARGETS, REMAT_POLICIES
+from nemo_jax.records import DataSource, source_from_mapping
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -119,20 +120,30 @@ def _coerce(tp, v, path: str):
         if not isinstance(v, Mapping):
             raise _bad(path, f"expected a section (a mapping of keys), got {_show(v)}")
         return _build(tp, v, path)
-    if typing.get_origin(tp) is tuple:  # tuple[str, ...]
-        if isinstance(v, str):
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...]; tuple[str | DataSource, ...]: data sources
+        sources = DataSource in typing.get_args(typing.get_args(tp)[0])
+        if isinstance(v, (str, DataSource)):
             v = [v]
         if not isinstance(v, Sequence) or isinstance(v, (str, bytes)):
             raise _bad(path, f"expected a list of strings{or_null}, got {_show(v)}")
+        v = list(v)
         for i, x in enumerate(v):
             if isinstance(x, os.PathLike):
                 x = os.fspath(x)
+            if sources and isinstance(x, Mapping) and (len(x) != 1 or "path" in x):  # {path: ..., columns: ...}
+                try:
+                    v[i] = source_from_mapping(x)
+                except UserError as e:
+                    raise _bad(path, f"item {i + 1}: {e}", f"{path}[{i}]") from None
+                continue
+            if sources and isinstance(x, DataSource):
+                continue
             if not isinstance(x, str) or not x:
                 hint = ""
                 if isinstance(x, Mapping) and len(x) == 1:
                     hint = " (write 'path:weight' with no space after the colon)"
                 raise _bad(path, f"item {i + 1}: expected a non-empty string, got {_show(x)}{hint}", f"{path}[{i}]")
-        return tuple(os.fspath(x) for x in v)
+        return tuple(x if isinstance(x, DataSource) else os.fspath(x) for x in v)
     if tp is bool:
         if not isinstance(v, bool):
             raise _bad(path, f"expected true or false{or_null}, got {_show(v)}")
@@ -221,7 +232,8 @@ class _Section:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if isinstance(v, _Section) else list(v) if isinstance(v, tuple) else v
+            out[f.name] = v.to_dict() if isinstance(v, _Section) else \
+                [x.to_dict() if isinstance(x, DataSource) else x for x in v] if isinstance(v, tuple) else v
         return out
 
 
@@ -290,16 +302,16 @@ def parse_source(s: str) -> tuple[str, float]:
     return path, 1.0 if weight is None else weight
 
 
-def eval_split_name(path: str) -> str:
+def eval_split_name(path: str | DataSource) -> str:
     """The name an eval file's metrics are reported under: its file name without the last suffix."""
-    return Path(path).stem
+    return path.name if isinstance(path, DataSource) else Path(path).stem
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSection(_Section):
     _section = "data"
-    train: tuple[str, ...]  # "path" or "path:weight" (see parse_source)
-    eval: tuple[str, ...] = ()  # one split per file, named after its stem
+    train: tuple[str | DataSource, ...]  # "path" or "path:weight" (see parse_source), or {path: ..., ...}
+    eval: tuple[str | DataSource, ...] = ()  # one split per file, named after its stem
     tokenizer: str | None = None  # tekken.json; None = NeMo's
     skip_bad_records: bool = False
     num_proc: int | None = _field(None, gt=0)
@@ -308,18 +320,19 @@ class DataSection(_Section):
         _check_list(self, "train", allow_empty=False)
         for i, s in enumerate(self.train):
             try:
-                parse_source(s)
+                if isinstance(s, str):
+                    parse_source(s)
             except UserError as e:
                 raise _bad("data.train", str(e), f"data.train[{i}]") from None
         _check_list(self, "eval", allow_empty=True)
         seen = {}
         for i, s in enumerate(self.eval):
             try:
-                _, weight = _split_weight(s)
+                weight = (None if s.weight == 1.0 else s.weight) if isinstance(s, DataSource) else _split_weight(s)[1]
             except UserError as e:
                 raise _bad("data.eval", str(e), f"data.eval[{i}]") from None
             if weight is not None:
-                raise _bad("data.eval", f"{s!r}: eval files take no weight", f"data.eval[{i}]")
+                raise _bad("data.eval", f"{getattr(s, 'path', s)!r}: eval files take no weight", f"data.eval[{i}]")
             name = eval_split_name(s)
             if name in seen:
                 raise _bad("data.eval", f"{seen[name]!r} and {s!r} would both report as split {name!r}; "
@@ -328,7 +341,7 @@ class DataSection(_Section):
 
     @property
     def train_sources(self) -> list[tuple[str, float]]:
-        return [parse_source(s) for s in self.train]
+        return [(s.path, s.weight) if isinstance(s, DataSource) else parse_source(s) for s in self.train]
 
     @property
     def eval_splits(self) -> dict[str, str]:

@@ -174,8 +174,8 @@ def collect_turns(path: str, tokenizer) -> list[Turn]:
         if rec["error"]:
             raise UserError(f"{where}: {rec['error']}")
         try:
-            record = json.loads(rec["raw"])
-            if D._record_kind(record) != "messages":
+            record = D.normalize(json.loads(rec["raw"]))  # any record format (records.py)
+            if "messages" not in record:
                 continue
             messages, tools = record["messages"], record.get("tools")
             i = 0

@@ -308,7 +308,8 @@ def test_parallel_tokenization_matches(tok, tmp_path):
 
 BAD = [
     ('{"text": "ok"}\n{"text": "unterminated}\n', "bad.jsonl:2: malformed JSON"),
-    ('{"text": "ok"}\n\n{"prompt": "x"}\n', r"bad.jsonl:3: a record needs 'text' or 'messages'; found keys \['prompt'\]"),
+    ('{"text": "ok"}\n\n{"prompt": "x"}\n', r"bad.jsonl:3: a record with 'prompt' needs 'completion' too"),
+    ('{"txt": "x"}\n', r"bad.jsonl:1: a record needs 'text' or 'messages' \(or .*found keys \['txt'\]"),
     ('{"text": 5}\n', "bad.jsonl:1: 'text' must be a string, got int"),
     ('[1, 2]\n', "bad.jsonl:1: a record must be a JSON object, got list"),
     ('{"text": "a", "messages": []}\n', "bad.jsonl:1: a record has either 'text' or 'messages'"),
