@@ -98,6 +98,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh))
 
 
+def process_rows(sharding: NamedSharding, shape: tuple[int, int]) -> tuple[int, int]:
+    """(block, blocks): this process's devices hold rows [block * B / blocks, (block + 1) * B / blocks)
+    of a [B, T] batch laid out by `sharding`, read from the devices' own slices (not the process
+    index): where the batch is replicated across processes (a tensor or sequence axis spanning
+    hosts), several processes hold, and feed, the same block."""
+    spans = {(r.start, r.stop) for r in (range(shape[0])[idx[0]]
+                                         for idx in sharding.addressable_devices_indices_map(shape).values())}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    n = hi - lo
+    covered = np.zeros(n, bool)
+    for a, b in spans:
+        covered[a - lo:b - lo] = True
+    if not covered.all() or shape[0] % n or lo % n:
+        raise UserError(f"mesh: this process's devices hold rows {sorted(spans)} of the {shape[0]}-row batch, not "
+                        f"one contiguous block of an even split; order the devices host by host (jax.devices())")
+    return lo // n, shape[0] // n
+
+
 def batch_split(mesh: Mesh) -> tuple[int, int]:
     """(ways the batch's rows are split, ways its positions are split) on `mesh`."""
     ways = lambda entry: math.prod(mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry or ()))
@@ -128,6 +146,11 @@ def parse_mesh(text: str, where: str = "mesh") -> dict[str, int]:
     if not shape:
         raise UserError(f"{where} {text!r}: expected AXIS=N[,AXIS=N...] with AXIS among {', '.join(AXES)}")
     return shape
+
+
+def per_device(mesh: Mesh) -> NamedSharding:
+    """A [mesh.size] vector, one element on each device (for per-process flags)."""
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

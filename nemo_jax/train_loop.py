@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -395,6 +396,39 @@ class StopFlag:
         self.signum = signum
         print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping",
               flush=True)
+
+
+class AgreedStop:
+    """Whether to stop after the step just dispatched: the same answer on every process.
+
+    A signal reaches each process of a multi-host run at its own moment (a scheduler's SIGTERM
+    seconds apart, a Ctrl-C on one host). Acting on its own flag, one process would enter the
+    checkpoint save while another ran the next step, and their collectives would not match (gloo
+    fails, NCCL hangs). So after every step each process adds its flag (the signal number, 0 for
+    none) to a max over a one-element-per-device array, and reads the result one step later: all
+    stop after the same step, and reading never waits for the step in flight. With one process the
+    local flag is the answer and nothing is computed.
+    """
+
+    def __init__(self, flag: StopFlag, mesh):
+        self.flag, self._pending = flag, None
+        if jax.process_count() > 1:
+            self._sharding, rep = S.per_device(mesh), S.replicated(mesh)
+            self._local = len(mesh.local_devices)
+            self._max = jax.jit(jnp.max, out_shardings=rep)
+
+    def __call__(self) -> int | None:
+        """The signal to stop with after this step (agreed by all processes), or None."""
+        if jax.process_count() == 1:
+            return self.flag.signum
+        local = np.full((self._local,), self.flag.signum or 0, np.int32)
+        launched = self._max(jax.make_array_from_process_local_data(self._sharding, local))
+        previous, self._pending = self._pending, launched
+        agreed = int(np.asarray(previous.addressable_data(0))) if previous is not None else 0
+        if agreed and self.flag.signum is None:
+            print(f"\nanother process received {signal.Signals(agreed).name}: saving a checkpoint after this step, "
+                  f"then stopping", flush=True)
+        return agreed or None
 
 
 def write_json_atomic(path: Path, obj) -> None:

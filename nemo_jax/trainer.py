@@ -24,7 +24,7 @@ from nemo_jax import train_loop as TL
 from nemo_jax.config import ModelConfig
 from nemo_jax.errors import UserError
 from nemo_jax.hub import model_reference
-from nemo_jax.distributed import is_main_process
+from nemo_jax.distributed import is_main_process, peers_fail_fast
 from nemo_jax.plan import model_config_for
 from nemo_jax.metrics import MetricsWriter, NullWriter, plot_losses
 from nemo_jax.run_config import eval_split_name
@@ -61,18 +61,31 @@ def tokenizer_for(config: ModelConfig, path: str | None):
     return tokenizer
 
 
-def device_batch(batch: dict, sharding) -> dict:
-    """Per-process numpy rows -> global arrays laid out on the mesh (each process feeds its share)."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in TL.BATCH_KEYS}
+def device_batch(batch: dict, sharding, rows: tuple[int, int] = (0, 1)) -> dict:
+    """This process's numpy rows -> global arrays laid out on the mesh; each device gets exactly its
+    slice (rows and, on a sequence axis, positions). `rows`: (block, blocks) of S.process_rows, which
+    says which rows of the global batch the process's `batch` is (the data iterator made it so)."""
+    block, blocks = rows
+    n, t = np.shape(batch["tokens"])
+    first = block * n
+
+    def put(x):
+        def part(index):
+            r = range(n * blocks)[index[0]]
+            return x[r.start - first:r.stop - first, index[1]]
+
+        return jax.make_array_from_callback((n * blocks, t), sharding, part)
+
+    return {k: put(np.asarray(batch[k])) for k in TL.BATCH_KEYS}
 
 
-def evaluate(eval_fn, params, lora_params, batches, sharding, max_batches=None) -> tuple[float, float]:
+def evaluate(eval_fn, params, lora_params, batches, sharding, max_batches=None, rows=(0, 1)) -> tuple[float, float]:
     """Token-weighted mean NLL over every trained token of the split, and the token count."""
     total, count = 0.0, 0.0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        s, n = eval_fn(params, lora_params, device_batch(batch, sharding))
+        s, n = eval_fn(params, lora_params, device_batch(batch, sharding, rows))
         total += float(s)
         count += float(n)
     if count == 0:
@@ -299,10 +312,12 @@ def train(cfg) -> Path:
     state, frozen = init_arrays(layout, tc.seed, base)
     del base
 
+    # Each process reads the rows its devices hold (S.process_rows), as data.py's "process" block.
+    train_rows = S.process_rows(batch_sh, (tc.batch_size, tc.seq_len))
     train_iter = make_train_iterator(
         list(cfg.data.train), tokenizer, tc.seq_len, tc.batch_size, tc.seed,
-        skip_bad_records=cfg.data.skip_bad_records, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_proc=cfg.data.num_proc)
+        skip_bad_records=cfg.data.skip_bad_records, process_index=train_rows[0],
+        process_count=train_rows[1], num_proc=cfg.data.num_proc)
 
     mngr = TL.checkpoint_manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     start = mngr.latest_step() or 0
@@ -334,14 +349,15 @@ def train(cfg) -> Path:
         TL.eval_sums, dataclasses.replace(layout.step_spec, fp8=fp8_eval_spec(layout.fp8))))
     eval_fn = lambda params, lora_params, batch: eval_sums(params, lora_params, batch, state.get("fp8"))
     eval_bs = tc.micro_batch_size or tc.batch_size
+    eval_rows = S.process_rows(batch_sh, (eval_bs, tc.seq_len))
 
     def run_eval(step):
         params, lora_params = (frozen, state["trainable"]) if spec_lora else (state["trainable"], None)
         for path in cfg.data.eval:
             batches = make_eval_batches(path, tokenizer, tc.seq_len, eval_bs, skip_bad_records=cfg.data.skip_bad_records,
-                                        num_proc=cfg.data.num_proc, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-            loss, count = evaluate(eval_fn, params, lora_params, batches, batch_sh, tc.eval_batches)
+                                        num_proc=cfg.data.num_proc, process_index=eval_rows[0],
+                                        process_count=eval_rows[1])
+            loss, count = evaluate(eval_fn, params, lora_params, batches, batch_sh, tc.eval_batches, eval_rows)
             rec = {"step": step, "split": eval_split_name(path), "eval_loss": loss, "perplexity": float(np.exp(loss)),
                    "tokens": int(count)}
             writer.log(rec)
@@ -361,45 +377,48 @@ def train(cfg) -> Path:
         run_eval(0)
 
     stop = TL.StopFlag()
+    agreed_stop = TL.AgreedStop(stop, mesh)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
                disable=not main)
     step = start
     t_last, steps_since = time.perf_counter(), 0
-    with stop:
-        while step < tc.steps:
-            batch = device_batch(next(train_iter), batch_sh)
-            state, metrics = step_fn(state, frozen, batch)
-            step += 1
-            steps_since += 1
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
-                loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-                now = time.perf_counter()
-                tps = tokens_per_step * steps_since / (now - t_last)
-                t_last, steps_since = now, 0
-                rec = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": gnorm,
-                       "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "trained_tokens": int(metrics["tokens"])}
-                writer.log(rec)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}")
-                if not np.isfinite(loss):
-                    raise UserError(f"step {step}: loss is {loss}; stopping (lower train.lr or check the data)")
-            if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
-                run_eval(step)
-            if stop.signum is not None:
-                save(step, force=True)
-                mngr.wait_until_finished()
-                bar.close()
-                writer.close()
-                print(f"stopped at step {step}; checkpoint saved in {run_dir / 'checkpoints'}; "
-                      f"run the same command again to resume", flush=True)
-                sys.exit(128 + stop.signum)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != tc.steps:
-                save(step)
-    bar.close()
-    if cfg.data.eval:
-        run_eval(step)
-    save(step, force=True)
-    mngr.wait_until_finished()
+    with peers_fail_fast():  # a peer that died ends this process at once (distributed.py)
+        with stop:
+            while step < tc.steps:
+                batch = device_batch(next(train_iter), batch_sh, train_rows)
+                state, metrics = step_fn(state, frozen, batch)
+                step += 1
+                steps_since += 1
+                bar.update(1)
+                signum = agreed_stop()
+                if step % tc.log_every == 0 or step == tc.steps:
+                    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+                    now = time.perf_counter()
+                    tps = tokens_per_step * steps_since / (now - t_last)
+                    t_last, steps_since = now, 0
+                    rec = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": gnorm,
+                           "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "trained_tokens": int(metrics["tokens"])}
+                    writer.log(rec)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}")
+                    if not np.isfinite(loss):
+                        raise UserError(f"step {step}: loss is {loss}; stopping (lower train.lr or check the data)")
+                if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
+                    run_eval(step)
+                if signum is not None:
+                    save(step, force=True)
+                    mngr.wait_until_finished()
+                    bar.close()
+                    writer.close()
+                    print(f"stopped at step {step}; checkpoint saved in {run_dir / 'checkpoints'}; "
+                          f"run the same command again to resume", flush=True)
+                    sys.exit(128 + signum)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != tc.steps:
+                    save(step)
+        bar.close()
+        if cfg.data.eval:
+            run_eval(step)
+        save(step, force=True)
+        mngr.wait_until_finished()
     writer.close()
     plot = plot_losses(run_dir) if main else None
     print(f"done: {step} steps. run directory {run_dir}: checkpoints/, metrics.jsonl, tb/"
