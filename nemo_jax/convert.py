@@ -1,8 +1,8 @@
 """Convert checkpoints between HF / Mistral safetensors and nemo_jax's orbax layout.
 
     python -m nemo_jax.convert import SRC OUT [--format hf|mistral] [--dtype bfloat16|float32] [--force]
-    python -m nemo_jax.convert export CKPT OUT --format hf|mistral|peft|hf-fp8 [--dtype ...] [--max-shard-size 5GB]
-                                   [--calibration-data FILE ...] [--force]
+    python -m nemo_jax.convert export CKPT OUT --format hf|mistral|peft|hf-fp8|gguf [--dtype ...] [--max-shard-size 5GB]
+                                   [--calibration-data FILE ...] [--gguf-type bf16|f16|q8_0] [--force]
 
 `import` detects SRC's layout unless --format names it and writes a nemo_jax checkpoint. `export`
 reads any checkpoint (normally a nemo_jax one) and writes the layout --format names. Both stream one
@@ -41,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="jsonl files whose activations set the static input scales")
     cal.add_argument("--calibration-batches", type=int, default=8, help="batches to calibrate on (default 8)")
     cal.add_argument("--calibration-seq-len", type=int, default=512, help="tokens per row (default 512)")
-    cal.add_argument("--tokenizer", help="tekken.json for the calibration data (default: the shipped one)")
+    cal.add_argument("--tokenizer", help="tekken.json for the calibration data or the GGUF vocabulary (default: "
+                                         "the shipped one; for gguf the checkpoint's own tekken.json if it has one)")
+    exp.add_argument("--gguf-type", choices=("bf16", "f16", "q8_0"), default="bf16",
+                     help="--format gguf: weight type in OUT/model.gguf, for llama.cpp and Ollama (default bf16)")
     for s in (imp, exp):
         s.add_argument("--dtype", choices=DTYPE_CHOICES, help="convert the weights (default: keep their dtype)")
         s.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
@@ -66,9 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         opts = ckpt.ExportOptions(dtype=args.dtype, max_shard_size=parse_size(args.max_shard_size),
                                   progress=progress, calibration=tuple(args.calibration_data),
                                   calibration_batches=args.calibration_batches,
-                                  calibration_seq_len=args.calibration_seq_len, tokenizer=args.tokenizer)
+                                  calibration_seq_len=args.calibration_seq_len, tokenizer=args.tokenizer,
+                                  gguf_type=args.gguf_type)
         ckpt.export_checkpoint(source, args.out, args.format, opts, args.force)
-        what = f"{args.format} checkpoint ({source.config_for(args.dtype).param_dtype})"
+        kind = args.gguf_type if args.format == "gguf" else source.config_for(args.dtype).param_dtype
+        what = f"{args.format} checkpoint ({kind})"
     print(f"wrote {args.out}: {what} from {source.description} in {time.perf_counter() - start:.1f}s")
 
 

@@ -42,6 +42,7 @@ class ExportOptions:
     calibration_batch_size: int = 4
     calibration_seq_len: int = 512
     tokenizer: str | None = None
+    gguf_type: str = "bf16"  # --format gguf: bf16, f16 or q8_0 (gguf_export.py)
 
 
 Exporter = Callable[[Source, Path, ExportOptions], None]
@@ -89,8 +90,14 @@ def _export_hf_fp8(source: Source, out: Path, opts: ExportOptions) -> None:
     export_hf_fp8(source, out, opts)
 
 
+def _export_gguf(source: Source, out: Path, opts: ExportOptions) -> None:
+    from nemo_jax.checkpoint.gguf_export import export_gguf
+
+    export_gguf(source, out, opts)
+
+
 EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "mistral": export_mistral, "peft": _export_peft,
-                                  "hf-fp8": _export_hf_fp8}
+                                  "hf-fp8": _export_hf_fp8, "gguf": _export_gguf}
 
 
 def export_checkpoint(source: Source, out: Path, fmt: str, opts: ExportOptions = ExportOptions(),
