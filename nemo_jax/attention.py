@@ -54,10 +54,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from nemo_jax import context_parallel
 from jax.sharding import PartitionSpec as P
 
+from nemo_jax import context_parallel
 from nemo_jax.backend import platform
 from nemo_jax.config import MAX_DOCUMENTS_PER_ROW
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from nemo_jax.config import DTYPES, PRESETS
+from nemo_jax.context_parallel import STRATEGIES as CONTEXT_PARALLEL
 from nemo_jax.errors import UserError
 from nemo_jax.fp8 import DEFAULT_TARGETS as FP8_DEFAULT_TARGETS
 from nemo_jax.fp8 import RECIPES as FP8_RECIPES
@@ -420,6 +421,8 @@ class MeshSection(_Section):
     fsdp: int = 1
     tensor: int = 1
     sequence: int = 1
+    # attention when mesh.sequence > 1 (context_parallel.py): ring, ulysses or XLA's all-gather
+    context_parallel: str = _field("ring", choices=CONTEXT_PARALLEL)
 
     def _validate(self):
         fill = None

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from nemo_jax import context_parallel as CP
 from nemo_jax import fp8 as F8
 from nemo_jax import lora as lora_lib
 from nemo_jax import model as M
@@ -115,6 +116,7 @@ class Layout:
     state_sh: dict
     batch_sh: object
     ckpt_state_sh: dict
+    context_parallel: str = "ring"  # mesh.context_parallel: attention over a sequence-sharded mesh
 
     @property
     def unstacked(self) -> bool:
@@ -124,8 +126,8 @@ class Layout:
         step = functools.partial(TL.train_step, self.step_spec, self.opt)
 
         def traced(state, frozen, batch):
-            with S.activation_mesh(self.mesh):
-                return step(state, frozen, batch)
+            with S.activation_mesh(self.mesh), CP.layout(self.context_parallel):
+                return step(state, frozen, CP.to_layout(batch))  # zigzag over mesh.sequence (context_parallel.py)
 
         return jax.jit(traced, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
                        out_shardings=(self.state_sh, None), donate_argnums=(0,))
@@ -216,7 +218,7 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
         if frozen_sh is not None:
             frozen_sh = unstack_shardings(frozen_sh, config.n_layers)
     return Layout(config, spec_lora, step_spec, opt, mesh, param_sh, trainable_sh, frozen_sh, state_sh,
-                  S.batch_sharding(mesh), ckpt_state_sh)
+                  S.batch_sharding(mesh), ckpt_state_sh, cfg.mesh.context_parallel)
 
 
 def unstack_shardings(tree, n: int):
