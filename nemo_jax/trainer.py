@@ -372,7 +372,8 @@ def train(cfg) -> Path:
 
     writer = MetricsWriter(run_dir, start) if main else NullWriter()
     flops_tok = TL.flops_per_token(config, tc.seq_len, spec_lora is not None)
-    peak = TL.peak_flops_per_device() * jax.device_count()
+    # MFU is only written by process 0; the others skip the CPU peak measurement (~1.5 s of matmuls)
+    peak = TL.peak_flops_per_device() * jax.device_count() if main else float("nan")
     tokens_per_step = tc.batch_size * tc.seq_len
     schedule = TL.lr_schedule(tc)
     if start == 0 and cfg.data.eval and tc.eval_every:
