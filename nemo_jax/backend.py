@@ -16,6 +16,7 @@ compiler rewrites best (cuBLAS / FP8 GEMM fusions).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -23,14 +24,39 @@ import os
 
 
 def select_platform() -> None:
-    """For the CLIs, before any device is touched: on a machine without an NVIDIA GPU where the CUDA
-    plugin is installed anyway (the `aot` extra, for deviceless GPU plans), run on the CPU backend
-    instead of letting jax try the plugin, fail and print a traceback. JAX_PLATFORMS, when set,
-    decides as usual."""
-    if "JAX_PLATFORMS" in os.environ or os.path.exists("/dev/nvidiactl"):
-        return
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+    """For the CLIs, before JAX exists: on a machine without an NVIDIA GPU where the CUDA plugin is
+    installed anyway (the `aot` extra, for deviceless GPU plans), run on the CPU backend instead of
+    letting jax try the plugin, fail and print a traceback (JAX_PLATFORMS, when set, decides).
+
+    The plugin's CUDA libraries also log "Could not find cuda drivers" to stderr as they load, from
+    C++ before any logging is configured; on the CPU backend that is noise around a one-line
+    error, so jax is imported and its plugins registered here with stderr closed. Backends are not
+    created (multi-host start-up must still come first).
+    """
+    if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl") and _cuda_plugin():
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if os.environ.get("JAX_PLATFORMS") == "cpu" and _cuda_plugin():
+        with _stderr_closed():
+            import jax  # noqa: F401
+            from jax._src import xla_bridge
+
+            getattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)()
+
+
+def _cuda_plugin() -> bool:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
+@contextlib.contextmanager
+def _stderr_closed():
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def platform() -> str:
