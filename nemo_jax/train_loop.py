@@ -300,6 +300,11 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state) -
     return restored["state"], restored["meta"]
 
 
+def read_checkpoint_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """A checkpoint's meta (step, data iterator state, resolved config) alone, without its arrays."""
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def restore_arrays(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:
     """Only `targets`' parts of a checkpoint's state (e.g. {"trainable": tree}), each array read
     straight into its ShapeDtypeStruct's sharding and dtype, whatever mesh or process count wrote it;

@@ -268,6 +268,46 @@ def check_run_config(cfg, config: ModelConfig, n_devices: int | None = None, n_p
         raise UserError(f"train.seq_len ({tc.seq_len}) must be divisible by mesh.sequence ({shards['sequence']})")
 
 
+# What a checkpoint's state means: resuming under other values of these would silently train
+# something else (other shapes, data order, batches, numerics of the saved FP8 scales). Everything
+# else may change on resume: train.steps may grow, cadences, lr schedule, mesh, remat, scan_unroll.
+RESUME_KEYS = ("model.checkpoint", "model.preset", "model.param_dtype", "lora.enabled", "lora.rank", "lora.alpha",
+               "lora.targets", "train.batch_size", "train.micro_batch_size", "train.seq_len", "train.seed",
+               "data.train", "data.tokenizer", "fp8")
+
+
+def check_resume(saved: dict | None, cfg, where: str) -> None:
+    """One error naming every RESUME_KEYS setting (`fp8`: each fp8.* key) that differs from the one
+    the checkpoint was trained with (`saved`: its meta's resolved config; None for older runs)."""
+    if saved is None:
+        return
+    now = cfg.to_dict()
+    get = lambda tree, key: tree.get(key.split(".")[0], {}).get(key.split(".")[1])  # noqa: E731
+    keys = []
+    for key in RESUME_KEYS:
+        if key == "fp8":
+            if get(saved, "fp8.enabled") or get(now, "fp8.enabled"):
+                keys += [f"fp8.{k}" for k in now["fp8"]]
+        elif key.startswith("lora.") and key != "lora.enabled" and not get(now, "lora.enabled"):
+            continue  # adapters' settings mean nothing without adapters
+        elif key == "train.micro_batch_size" and get(saved, key) is None and get(now, key) is None:
+            continue  # unset in both: a changed batch_size is the change
+        else:
+            keys.append(key)
+
+    def value(tree, key):
+        if key == "train.micro_batch_size":  # unset: the whole batch, the same as setting it to batch_size
+            return get(tree, key) or get(tree, "train.batch_size")
+        return get(tree, key)
+
+    show = lambda v: json.dumps(v, ensure_ascii=False)  # noqa: E731
+    changed = [f"{k} {show(value(saved, k))} -> {show(value(now, k))}" for k in keys
+               if show(value(saved, k)) != show(value(now, k))]
+    if changed:
+        raise UserError(f"{where}: resuming would change what the checkpoint means: {'; '.join(changed)} "
+                        f"(keep the values it was trained with, or use a new output_dir)")
+
+
 def init_arrays(layout: Layout, seed: int, base: dict | None):
     """(state, frozen) on the mesh: base params initialised from `seed` (from scratch) or given."""
     config = layout.config
@@ -300,6 +340,10 @@ def train(cfg) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
+    mngr = TL.checkpoint_manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    start = mngr.latest_step() or 0
+    if start:  # before any weights are read: a resume that would mean something else stops here
+        check_resume(TL.read_checkpoint_meta(mngr, start).get("config"), cfg, f"{run_dir / 'checkpoints'}/{start}")
     mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
     config = model_config_for(cfg)
     check_run_config(cfg, config)
@@ -321,8 +365,6 @@ def train(cfg) -> Path:
         skip_bad_records=cfg.data.skip_bad_records, process_index=train_rows[0],
         process_count=train_rows[1], num_proc=cfg.data.num_proc)
 
-    mngr = TL.checkpoint_manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    start = mngr.latest_step() or 0
     if start:
         state, meta = TL.restore_checkpoint(mngr, start, layout.abstract_state())
         state = layout.from_checkpoint(state)
