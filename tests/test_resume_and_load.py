@@ -1,10 +1,14 @@
 """A resume under settings that change what the checkpoint means stops with one line naming each
-change."""
+change; `nemo_jax.load(path, dtype)` puts parameters and compute in `dtype` for every source."""
 
+import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
+import nemo_jax
 from nemo_jax.errors import UserError
 from nemo_jax.run_config import load_config
 from nemo_jax.trainer import train
@@ -47,3 +51,19 @@ def test_resume_may_grow_steps_and_change_cadences(run):
     train(cfg_for(run, "train.steps=3", "train.schedule=constant", "train.log_every=3", "train.eval_every=2",
                   "checkpoint.every=1", "checkpoint.keep=2", "model.remat=full"))
     assert (run / "checkpoints" / "3").is_dir()
+
+
+def test_load_dtype_is_parameters_and_compute_for_every_source(run, tmp_path):
+    from nemo_jax import checkpoint as ckpt
+    from tests.reference.hf_mistral import save_random_hf
+
+    hf = save_random_hf(tmp_path / "hf", vocab_size=1280)
+    orbax = tmp_path / "orbax"
+    ckpt.import_checkpoint(ckpt.open_checkpoint(hf), orbax)
+    for path in (run, hf, orbax):
+        for dtype in ("float32", "bfloat16"):
+            config, params = nemo_jax.load(path, dtype=dtype)
+            assert (config.dtype, config.param_dtype) == (dtype, dtype), path
+            assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jax.numpy.dtype(dtype))}, path
+    # the run trained in float32 compute (configs/tiny.yaml): without a dtype, what it was trained in
+    assert json.loads((run / "run.json").read_text())["model"]["dtype"] == nemo_jax.load(run)[0].dtype

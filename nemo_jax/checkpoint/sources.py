@@ -83,8 +83,11 @@ class Source(abc.ABC):
         return self.stored_dtype
 
     def config_for(self, dtype: str | None) -> ModelConfig:
-        """The ModelConfig of the weights as loaded in `dtype` (param_dtype set accordingly)."""
-        return self.config.replace(param_dtype=self.resolve_dtype(dtype))
+        """The ModelConfig of the weights as loaded in `dtype`: parameters and compute in `dtype`, for
+        every source alike; None keeps the stored param dtype and the source's compute dtype (a run's
+        own, float32 for HF / Mistral / orbax checkpoints without one)."""
+        config = self.config.replace(param_dtype=self.resolve_dtype(dtype))
+        return config.replace(dtype=dtype) if dtype is not None else config
 
     def restore(self, abstract) -> dict:
         """The params as jax Arrays laid out as `abstract`'s shardings say (each device's part only).
