@@ -4,8 +4,9 @@ For full fine-tuning (fsdp=8: each process feeds half of every batch) and LoRA (
 axis spans both processes, which then feed the same rows), one test each: train.py on two processes
 gives the losses of one device (which the 8-device meshes equal, test_sharding.py); a SIGTERM to
 process 0 and another to process 1 1.5 s later stop both after the same step with exit 143 and one
-complete checkpoint; the run resumes, on one device, with the uninterrupted run's losses; and
-eval.py on the result scores what the uninterrupted run scores.
+complete checkpoint; the run resumes, on one device, with the uninterrupted run's losses; eval.py
+on the result scores what the uninterrupted run scores, on one device and (full) on the run's own
+8-device mesh; and its exports are its weights.
 """
 
 import importlib.util
@@ -18,8 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+import nemo_jax
 
 from nemo_jax import sharding as S
 from nemo_jax.errors import UserError
@@ -85,9 +89,17 @@ def eval_cli(args) -> dict:
     module.main(args)
 
 
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny HF checkpoint to fine-tune (reading it costs far less than compiling a random init)."""
+    from tests.reference.hf_mistral import save_random_hf
+
+    return save_random_hf(tmp_path_factory.mktemp("base") / "hf", vocab_size=1280)
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_two_processes_train_stop_resume_and_evaluate(tmp_path, mode):
-    overrides = (*COMMON, *MODES[mode])
+def test_two_processes_train_stop_resume_and_evaluate(tmp_path, base, mode):
+    overrides = (*COMMON, "model.preset=null", f"model.checkpoint={base}", *MODES[mode])
     run = tmp_path / "run"
     procs = launch(run, (*overrides, "train.steps=100000"))
     deadline = time.time() + 240
@@ -125,6 +137,23 @@ def test_two_processes_train_stop_resume_and_evaluate(tmp_path, mode):
         scores[name] = json.loads(out.read_text())["tiny_eval"]
     assert scores["run"]["tokens"] == scores["ref"]["tokens"] > 0
     assert scores["run"]["loss"] == pytest.approx(scores["ref"]["loss"], rel=1e-5)
+
+    # exported from this one device: the run's weights (LoRA merged; the adapters for PEFT)
+    from nemo_jax import convert
+
+    config, params = nemo_jax.load(run)
+    for fmt in ("hf", "peft") if mode == "lora" else ("hf", "mistral"):
+        convert.main(["export", str(run), str(tmp_path / fmt), "--format", fmt, "--no-progress"])
+    _, exported = nemo_jax.load(tmp_path / "hf")
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, exported, params)))
+    if mode == "full":  # and evaluated on the run's own mesh (fsdp=8) on 8 devices: the same loss
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+        r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(run), "--data", str(EVAL), "--out",
+                            str(tmp_path / "on8.json")], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        on8 = json.loads((tmp_path / "on8.json").read_text())["tiny_eval"]
+        assert on8["tokens"] == scores["run"]["tokens"]
+        assert on8["loss"] == pytest.approx(scores["run"]["loss"], rel=1e-5)
 
 
 class _Sharding:
