@@ -5,12 +5,46 @@
 
 Values are divided by a per-tensor scale s, clipped to the format's largest finite value (448 in
 e4m3fn, 57344 in e5m2: a plain cast of anything beyond gives NaN or inf), rounded to nearest even
-by the cast, and multiplied back by s. Gradients pass straight through the rounding (STE). On
-Hopper, qdq around a dot is the pattern XLA rewrites into a real FP8 GEMM.
+by the cast, and multiplied back by s. Gradients pass straight through the rounding (STE).
+
+Real FP8 GEMMs on Hopper. XLA has no FP8 matmul op; its GPU GEMM rewriter turns a dot into a
+cuBLASLt FP8 GEMM (`__cublas$lt$matmul$f8`) when each operand is, on the path back from the dot,
+
+    dot( convert(q_x: f8 -> T) * broadcast(s_x),  convert(q_W: f8 -> T) * broadcast(s_W) )
+
+with only layout ops (reshape, transpose, bitcast, slice, ...) in between and T the dot's own
+operand type. The converts and scales fold into the GEMM (the scales become its f32 scale
+arguments), so the e4m3 bytes are what the tensor cores read. Any other op on that path defeats
+it: the float32 `qdq` below (convert to f32, multiply, convert to bf16) leaves a convert between
+the scale and the dot and compiles to a bf16 GEMM of dequantised copies. So a quantised matmul is
+`matmul` here, a custom VJP written in that pattern (as flax.linen.fp8_ops does):
+
+  forward   q_x = quantize(x), q_W = quantize(W) (or the e4m3 kernel of an FP8-stored base), one
+            2-D GEMM of their dequantised forms: e4m3 x e4m3.
+  residuals q_x and q_W themselves, in e4m3 (half of bf16's bytes): the backward dequantises them
+            right at its dots, so the pattern survives the layer scan and remat (GPU only, below).
+  backward  dy is quantised to e5m2 (fp8.quantize_grads) and dequantised into both gradient GEMMs,
+            dx = dy . W^T and dW = x^T . dy: e5m2 against e4m3. Without gradient quantisation
+            they are plain compute-dtype GEMMs on the dequantised operands.
+
+The e4m3/e5m2 codes are the same on every backend (`quantize`, in float32). The CPU has no FP8
+GEMM to fold anything into, so there (`backend.is_cpu()`, in `_gemm_operand` and in what the
+forward saves) an operand is the float32 dequantisation rounded to the compute dtype, exactly the
+values of the plain `qdq`, and the backward gets the dequantised operands, as autodiff of qdq
+around a dot keeps them. The CPU step has the same dots as with qdq + a plain matmul, and FP8
+costs it no more (benchmarks/fp8_step.py, quarter preset, bf16, batch 1 x 256: 0.94x the FP8-off
+step, 0.88x before; a shared machine, so +-0.05).
+
+On a GPU in bf16 the pattern multiplies by the scale rounded to bf16, so a GPU GEMM may apply s_x and s_W each off by up to 2^-9 (relative; one factor
+per tensor, wherever XLA does not remove the f32 -> bf16 -> f32 round trip of the scalar itself,
+as it does not inside the layer scan). Exact f32 scales would need f32 operands and so an f32
+GEMM output (XLA's GPU backend has no f32 x f32 -> bf16 GEMM): twice the output bytes of every
+FP8 GEMM, and a conversion after it.
 
 Scales: s = amax * 2^margin / fp8_max. Two recipes for activations (x) and output gradients (g):
   delayed  s from the max of an amax history of earlier steps (TransformerEngine's default);
-           the state starts at s = 1 with an empty (zero) history
+           a site whose history is still empty (the first step) uses this step's own amax, so
+           training starts from scales that fit the data rather than from s = 1
   current  s from this step's own amax
 Weights always use the current scale of their own amax (it costs one reduction over W and is
 exactly the static per-tensor scale an FP8 export stores, so training sees the deployment's
@@ -38,6 +72,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.fp8_ops import fp32_max_grad
+
+from nemo_jax import backend
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
@@ -176,8 +212,18 @@ _qdq_ste.defvjp(lambda x, s: (qdq(x, s, E4M3), s), lambda s, g: (g, jnp.zeros_li
 
 
 def quantize_weight(w, scale):
-    """e4m3 qdq of a weight with a straight-through gradient."""
+    """e4m3 qdq with a straight-through gradient and no observation: a weight, or the copy of a
+    quantised matmul's input that LoRA's adapter reads (`matmul` reports that input's amax)."""
     return _qdq_ste(w, jax.lax.stop_gradient(scale))
+
+
+def _grad_scale(observed, scale, seed, current: bool, margin: int):
+    """The scale dy is rounded to e5m2 with: from its own amax (`current`, or a delayed site's first
+    step: `seed`), else the state's delayed one."""
+    own = compute_scale(observed, scale, E5M2, margin)
+    if current:
+        return own
+    return scale if seed is None else jnp.where(seed, own, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -191,7 +237,7 @@ def _qdq_grad_fwd(y, scale, probe, current, margin):
 
 def _qdq_grad_bwd(current, margin, scale, g):
     observed = amax(g)
-    s = compute_scale(observed, scale, E5M2, margin) if current else scale
+    s = _grad_scale(observed, scale, None, current, margin)
     return qdq(g, s, E5M2), jnp.zeros_like(scale), jax.lax.convert_element_type(observed, fp32_max_grad)
 
 
@@ -200,15 +246,110 @@ _qdq_grad.defvjp(_qdq_grad_fwd, _qdq_grad_bwd)
 
 def quantize_output_grad(y, scale, probe, current: bool, margin: int):
     """Identity forward; backward rounds dy to e5m2 (delayed scale, or dy's own with `current`)
-    and reports amax(dy) as the probe's gradient."""
+    and reports amax(dy) as the probe's gradient. (`matmul` does this inside its own backward.)"""
     return _qdq_grad(y, jax.lax.stop_gradient(scale), _to_max_grad(probe), current, margin)
 
 
+# --- the FP8 GEMM ------------------------------------------------------------------------------------
+
+
+def _gemm_operand(q, scale, dtype):
+    """A GEMM operand from its FP8 codes. On a GPU: convert(q -> dtype) * scale feeding the dot
+    directly, the pattern XLA's GEMM rewriter folds into an FP8 GEMM (module docstring). On the CPU
+    (no FP8 GEMM to fold into): the float32 dequantisation rounded to `dtype`, `qdq`'s values."""
+    if backend.is_cpu():
+        return dequantize(q, scale, dtype)
+    return q.astype(dtype) * scale.astype(dtype)
+
+
+def _dot(a, b, contract, dtype):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _matmul(x, w, x_site, w_scale, g_site, n_in: int, grads):
+    return _matmul_fwd(x, w, x_site, w_scale, g_site, n_in, grads)[0]
+
+
+def _matmul_fwd(x, w, x_site, w_scale, g_site, n_in, grads):
+    x_scale, _ = x_site
+    k = int(np.prod(w.shape[:n_in]))
+    qx = quantize(x, x_scale)
+    qw = w if w.dtype == E4M3 else quantize(w, w_scale)  # an FP8-stored base is already its codes
+    x_op, w_op = _gemm_operand(qx, x_scale, x.dtype), _gemm_operand(qw, w_scale, x.dtype)
+    y = _dot(x_op.reshape(-1, k), w_op.reshape(k, -1), ((1,), (0,)), x.dtype)
+    y = y.reshape(x.shape[:x.ndim - n_in] + w.shape[n_in:])
+    # What the backward keeps: on a GPU the e4m3 codes (half of bf16's bytes), dequantised again
+    # right at the backward's dots so that those are FP8 GEMMs too, across the layer scan and remat;
+    # on the CPU the dequantised operands themselves, as autodiff of the plain qdq keeps them (no
+    # second dequantisation pass over every kernel and activation in the backward).
+    saved = (qx, qw) if not backend.is_cpu() else (x_op, w_op)
+    g_scale, _, g_seed = g_site
+    return y, (*saved, x_scale, w_scale, amax(x), g_scale, g_seed, jnp.zeros((0,), w.dtype))
+
+
+def _matmul_bwd(n_in, grads, res, g):
+    x_saved, w_saved, x_scale, w_scale, x_amax, g_scale, g_seed, w_like = res
+    dtype = g.dtype
+    k = int(np.prod(w_saved.shape[:n_in]))
+    codes = x_saved.dtype == E4M3  # (else: the dequantised operands)
+    g2 = g.reshape(-1, g.size // (x_saved.size // k))
+    g_obs = None
+    if grads is None:  # forward-only QAT: plain compute-dtype GEMMs on the dequantised operands
+        dy = g2
+        operand = dequantize
+    else:  # e5m2 dy against the e4m3 operands: two FP8 GEMMs
+        current, margin = grads
+        observed = amax(g)
+        s = _grad_scale(observed, g_scale, g_seed, current, margin)
+        dy = _gemm_operand(quantize(g2, s, E5M2), s, dtype)
+        g_obs = jax.lax.convert_element_type(observed, fp32_max_grad)
+        operand = _gemm_operand
+    x_op = operand(x_saved, x_scale, dtype) if codes else x_saved
+    w_op = operand(w_saved, w_scale, dtype) if codes else w_saved
+    x_op, w_op = x_op.reshape(-1, k), w_op.reshape(k, -1)
+    dx = _dot(dy, w_op, ((1,), (1,)), dtype).reshape(x_saved.shape)  # dy . W^T
+    dw = None
+    if w_like.dtype != E4M3:  # (an FP8-stored base is frozen)
+        dw = _dot(x_op, dy, ((0,), (0,)), dtype).astype(w_like.dtype).reshape(w_saved.shape)  # x^T . dy
+    return dx, dw, (None, jax.lax.convert_element_type(x_amax, fp32_max_grad)), None, (None, g_obs, None)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w, n_in: int, x_scale, w_scale, x_probe, g_meta: dict | None = None, g_probe=None,
+           current: bool = False, margin: int = 0):
+    """x [..., *in] . W [*in, *out] -> [..., *out] as one FP8 GEMM, x and W in e4m3 with their
+    scales (W: a kernel to quantise, or the e4m3 kernel of an FP8-stored base). Straight-through
+    gradients; the backward rounds dy to e5m2 when `g_meta` is given (its delayed scale; dy's own
+    with `current` or while its history is empty). The probes' gradients are amax(x) and amax(dy).
+
+    On the CPU the same numbers as qdq_e4m3(x) . qdq_e4m3(W) with dy -> qdq_e5m2(dy)
+    (tests/test_gpu_fp8.py); written so that XLA's GPU compiler runs real FP8 GEMMs (module docstring).
+    """
+    sg = jax.lax.stop_gradient
+    if g_meta is None:
+        g_site, grads = (jnp.ones((), jnp.float32), _to_max_grad(0.0), jnp.zeros((), bool)), None
+    else:
+        g_site = (sg(g_meta["scale"]), _to_max_grad(g_probe), is_fresh(g_meta))
+        grads = (current, margin)
+    return _matmul(x, w, (sg(x_scale), _to_max_grad(x_probe)), sg(w_scale), g_site, n_in, grads)
+
+
+def is_fresh(meta: dict):
+    """Whether a delayed site has observed nothing yet (its first step): its amax history is all zero."""
+    return jnp.all(meta["amax_history"] == 0)
+
+
 def input_scale(spec: Fp8Spec, x, meta: dict):
-    """The scale x is quantised with: the state's (delayed) or x's own amax (current)."""
+    """The scale x is quantised with: the state's (delayed) or x's own amax (current). A delayed
+    site's first step (an empty history) also uses x's own amax: the state's initial scale 1 says
+    nothing about the data."""
+    own = compute_scale(jax.lax.stop_gradient(amax(x)), meta["scale"], E4M3, spec.margin)
     if spec.recipe == "current":
-        return compute_scale(jax.lax.stop_gradient(amax(x)), meta["scale"], E4M3, spec.margin)
-    return meta["scale"]
+        return own
+    return jnp.where(is_fresh(meta), own, meta["scale"])
 
 
 def weight_scale(amax_value):

@@ -28,6 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from nemo_jax import backend
+
 
 def chunked_nll_sum(hidden, head, targets, mask, chunk: int, dtype=jnp.float32):
     """Sum over masked positions of -log p(target). hidden [B,T,D], head [D,V], targets/mask [B,T]."""
@@ -68,22 +70,27 @@ def _logits(h, head, dtype):
 
 
 def _head_grads(dlogits, h_c, head_c):
-    """(d hidden [B, c, D], d head [D, V]) from fp32 d loss / d logits [B, c, V].
+    """(d hidden [B, c, D], d head [D, V]), fp32, from fp32 d loss / d logits [B, c, V]; the caller
+    rounds to the compute dtype after scaling.
 
-    As the autodiff of the fp32-accumulated logits: the gradient matmuls run in fp32 whatever the
-    compute dtype (no-op casts in fp32); the caller rounds to the compute dtype after scaling.
+    On a GPU: GEMMs in the compute dtype with fp32 accumulation, as autodiff of the logits' matmul
+    would run them (dlogits rounded to the compute dtype, the head and the hidden states as they
+    are: no fp32 [D, V] copy of the head). On the CPU, fp32 GEMMs on upcast operands (XLA:CPU
+    upcasts bf16 dots to fp32 anyway), tuned as below.
     """
-    dh = jnp.einsum("BcV,DV->BcD", dlogits, head_c.astype(jnp.float32))
     B, c, D = h_c.shape
+    if not backend.is_cpu():
+        dl = dlogits.astype(h_c.dtype)
+        dh = jnp.einsum("BcV,DV->BcD", dl, head_c, preferred_element_type=jnp.float32)
+        dhead = jnp.einsum("BcD,BcV->DV", h_c, dl, preferred_element_type=jnp.float32)
+        return dh, dhead
+    dh = jnp.einsum("BcV,DV->BcD", dlogits, head_c.astype(jnp.float32))
     h2 = h_c.astype(jnp.float32).reshape(B * c, D)
-    if jax.default_backend() == "cpu":
-        # XLA:CPU runs a dot that contracts the lhs's leading dim (h^T . dlogits) on Eigen, at about
-        # half the speed of its YNNPACK dot for this [D, V] shape (benchmarks/train_step.py); the
-        # barrier keeps the transpose a [D, B*c] copy (~1/V of the matmul's work) instead of being
-        # folded back into the dot. GPUs run either form natively.
-        dhead = jax.lax.optimization_barrier(h2.T) @ dlogits.reshape(B * c, -1)
-    else:
-        dhead = jnp.einsum("ND,NV->DV", h2, dlogits.reshape(B * c, -1))
+    # XLA:CPU runs a dot that contracts the lhs's leading dim (h^T . dlogits) on Eigen, at about
+    # half the speed of its YNNPACK dot for this [D, V] shape (benchmarks/train_step.py); the
+    # barrier keeps the transpose a [D, B*c] copy (~1/V of the matmul's work) instead of being
+    # folded back into the dot.
+    dhead = jax.lax.optimization_barrier(h2.T) @ dlogits.reshape(B * c, -1)
     return dh, dhead
 
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from nemo_jax import backend
 from nemo_jax import fp8 as F8
 from nemo_jax.attention import attention
 from nemo_jax.config import ModelConfig
@@ -87,25 +88,36 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x, w, n_in: int):
-    """x [..., *in] . w [*in, *out] -> [..., *out] (tensordot(x, w, n_in)) as one 2-D GEMM.
+    """x [..., *in] . w [*in, *out] -> [..., *out], contracting x's last n_in axes with w's first.
 
-    The backward pass is written out as the two 2-D GEMMs it is, dx = dy . W^T and dW = x^T . dy,
-    with x's leading axes merged into one token axis: autodiff of the N-D contraction makes XLA:CPU
-    first write the activations' gradients transposed through strided loop fusions (the slowest ops
-    of a CPU training step) and the multi-axis kernels (q, k, v, o) transposed. The kernel's own
-    shape is what the forward keeps for the backward (a reshaped copy would be saved per layer).
+    On a GPU (or TPU) a plain tensordot under autodiff: the program XLA's GPU compiler maps best onto
+    cuBLAS (it picks the GEMM layouts and transposes itself). On the CPU, `_matmul_cpu`.
+    """
+    if backend.is_cpu():
+        return _matmul_cpu(x, w, n_in)
+    return jnp.tensordot(x, w, n_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_cpu(x, w, n_in: int):
+    """CPU only: tensordot(x, w, n_in) as one 2-D GEMM, with its backward written out.
+
+    The backward pass is the two 2-D GEMMs it is, dx = dy . W^T and dW = x^T . dy, with x's leading
+    axes merged into one token axis: autodiff of the N-D contraction makes XLA:CPU first write the
+    activations' gradients transposed through strided loop fusions (the slowest ops of a CPU
+    training step) and the multi-axis kernels (q, k, v, o) transposed. The kernel's own shape is
+    what the forward keeps for the backward (a reshaped copy would be saved per layer).
     """
     lead, k = x.shape[:x.ndim - n_in], int(np.prod(w.shape[:n_in]))
     return jnp.dot(x.reshape(-1, k), w.reshape(k, -1)).reshape(lead + w.shape[n_in:])
 
 
-def _matmul_fwd(x, w, n_in):
-    return _matmul(x, w, n_in), (x, w)
+def _matmul_cpu_fwd(x, w, n_in):
+    return _matmul_cpu(x, w, n_in), (x, w)
 
 
-def _matmul_bwd(n_in, res, dy):
+def _matmul_cpu_bwd(n_in, res, dy):
     x, w = res
     k = int(np.prod(w.shape[:n_in]))
     x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
@@ -115,7 +127,7 @@ def _matmul_bwd(n_in, res, dy):
     return dx.reshape(x.shape), dw.reshape(w.shape)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
 class Linear(nn.Module):
@@ -124,8 +136,8 @@ class Linear(nn.Module):
     With `lora` set, adds (alpha/r) * dropout(x) . A . B from the `lora` collection; B starts at zero
     so an untrained adapter leaves the base model exactly as it was.
 
-    With `fp8` set, the base matmul runs on fake-quantised e4m3 input and weight and its output
-    gradient is rounded to e5m2 (fp8.py); the adapter sees the same quantised input (what a served,
+    With `fp8` set, the base matmul is fp8.matmul: e4m3 input and weight, its output gradient rounded
+    to e5m2 (an FP8 GEMM each on Hopper, fake quantisation on the CPU); the adapter sees the same quantised input (what a served,
     merged and quantised model sees) but stays in the compute dtype. `weight_amax` is the amax a
     shared weight scale is taken from (q/k/v, gate/up); by default the kernel's own.
     """
@@ -173,25 +185,25 @@ class Linear(nn.Module):
         return y
 
     def _fp8_matmul(self, h, kernel, n_in, weight_amax):
-        """(qdq(x), qdq(x) . qdq(W)): the base matmul as an FP8 GEMM computes it. An adapter adds its
-        branch on the quantised input in the compute dtype, as a served FP8 base with a LoRA
-        adapter on top (vLLM) computes it."""
+        """(the adapter's input, the base matmul): e4m3 x e4m3 in one FP8 GEMM (fp8.matmul), its
+        backward e5m2 x e4m3 with gradient quantisation. An adapter adds its branch on the same
+        quantised input, in the compute dtype, as a served FP8 base with a LoRA adapter on top
+        (vLLM) computes it."""
         spec = self.fp8
         x_meta = self.variable("fp8", "x", F8.new_meta, spec.amax_history).value
-        h = F8.quantize_input(h, F8.input_scale(spec, h, x_meta), _probe(self, "x"))
-        w_scale = self.variable("fp8", "weight_scale", lambda: jnp.ones((), jnp.float32)).value \
-            if spec.base_fp8 else None
-        if kernel.dtype == F8.E4M3:  # an FP8-stored base: already quantised
-            w = F8.dequantize(kernel, w_scale, self.dtype)
-        else:
-            w = kernel
-            if weight_amax is None:
-                weight_amax = F8.amax(w)
-            w = F8.quantize_weight(w, F8.weight_scale(jax.lax.stop_gradient(weight_amax))).astype(self.dtype)
-        y = _matmul(h, w, n_in)
+        x_scale = F8.input_scale(spec, h, x_meta)
+        if spec.base_fp8:
+            w_scale = self.variable("fp8", "weight_scale", lambda: jnp.ones((), jnp.float32)).value
+        if kernel.dtype != F8.E4M3:  # (an FP8-stored base is already quantised, with its scale above)
+            w_scale = F8.weight_scale(jax.lax.stop_gradient(F8.amax(kernel) if weight_amax is None else weight_amax))
+        g_meta = g_probe = None
         if spec.quantize_grads:
             g_meta = self.variable("fp8", "g", F8.new_meta, spec.amax_history).value
-            y = F8.quantize_output_grad(y, g_meta["scale"], _probe(self, "g"), spec.recipe == "current", spec.margin)
+            g_probe = _probe(self, "g")
+        y = F8.matmul(h, kernel, n_in, x_scale, w_scale, _probe(self, "x"), g_meta, g_probe,
+                      spec.recipe == "current", spec.margin)
+        if self.lora is not None:
+            h = F8.quantize_weight(h, x_scale)
         return h, y
 
 

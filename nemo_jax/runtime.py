@@ -20,8 +20,16 @@ model (~0 faults with the settings below; `--also-jax '--jax-malloc default'` th
 This changes where memory comes from, never what the program computes. The cost: the process's
 resident memory does not shrink back after its peak (freed memory stays in the heap and is what
 later allocations reuse), and all threads share one arena lock (XLA's CPU buffers are few and
-large; the Python side allocates from the main arena anyway). On GPU the device buffers are not
-malloc'd at all, so there it changes little either way.
+large; the Python side allocates from the main arena anyway).
+
+It serves XLA:CPU only, so it is skipped in a process that will run on a GPU: there the step's
+buffers are device memory, never malloc'd, so the page faults it removes do not exist, while its
+costs (one arena lock for every host thread, CUDA's and the data pipeline's included, and a heap
+that never shrinks) would remain. The decision has to be made before JAX exists (applying it
+first is the point), so it is taken from the environment, not from a backend: a GPU process is one
+whose JAX_PLATFORMS lists cuda, rocm or gpu first (JAX's default backend), or, with JAX_PLATFORMS
+unset, one on a machine with an NVIDIA device node (/dev/nvidia0 or /dev/nvidiactl), where JAX
+picks the GPU. JAX_PLATFORMS=cpu keeps a GPU machine's process on the CPU, tuned.
 
 It is applied at the start of the process, before JAX (and its threads) exist; set
 NEMO_JAX_MALLOC=default to keep glibc's defaults, and any `glibc.malloc.*` in GLIBC_TUNABLES (set
@@ -41,17 +49,31 @@ M_ARENA_MAX = -8
 
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: "never trim" (man mallopt)
 
+GPU_PLATFORMS = ("cuda", "rocm", "gpu")
+GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvidiactl")
+
 _applied: bool | None = None
 
 
+def will_use_gpu(environ=os.environ, exists=os.path.exists) -> bool:
+    """Whether this process's JAX will run on a GPU, decided before JAX is imported (module docstring)."""
+    platforms = [p.strip().lower() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms[0] in GPU_PLATFORMS  # JAX's first listed platform is its default backend
+    return any(exists(node) for node in GPU_DEVICE_NODES)
+
+
 def tune_malloc() -> bool:
-    """Apply SETTINGS through mallopt (once per process). True when they are in effect."""
+    """Apply SETTINGS through mallopt (once per process) unless the process will use a GPU. True when
+    they are in effect."""
     global _applied
     if _applied is not None:
         return _applied
     _applied = False
     if os.environ.get("NEMO_JAX_MALLOC", "").lower() in ("default", "0", "off", "no"):
         return False
+    if will_use_gpu():
+        return False  # XLA:CPU's buffers are what it serves; a GPU's are not malloc'd
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False  # the user tuned malloc explicitly
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
