@@ -442,7 +442,8 @@ def train(cfg) -> Path:
                     tps = tokens_per_step * steps_since / (now - t_last)
                     t_last, steps_since = now, 0
                     rec = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": gnorm,
-                           "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "trained_tokens": int(metrics["tokens"])}
+                           "tokens_per_sec": tps, "mfu": tps * flops_tok / peak,
+                           "trained_tokens": int(metrics["tokens"])}
                     writer.log(rec)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}")
                     if not np.isfinite(loss):
