@@ -208,4 +208,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from nemo_jax.backend import select_platform
+
+    select_platform()  # before JAX exists
     main()
