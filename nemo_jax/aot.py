@@ -105,7 +105,6 @@ class ProgramReport:
     """The facts the planner prints and the GPU-program tests assert, read from optimized HLO."""
 
     custom_calls: Counter  # custom-call target -> count
-    while_loops: int
 
     @property
     def attention_kernels(self) -> dict[str, int]:
@@ -127,7 +126,7 @@ class ProgramReport:
 
 
 def report(hlo_text: str) -> ProgramReport:
-    return ProgramReport(Counter(_CUSTOM_CALL.findall(hlo_text)), len(re.findall(r"\bwhile\(", hlo_text)))
+    return ProgramReport(Counter(_CUSTOM_CALL.findall(hlo_text)))
 
 
 def buffer_shapes(hlo_text: str) -> set[tuple[str, tuple[int, ...]]]:

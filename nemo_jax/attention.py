@@ -170,10 +170,9 @@ def _per_device(kernel, q, k, v, segment_ids):
     heads = logical_to_spec(("heads",), mesh, q.shape[2:3])
     if heads != logical_to_spec(("kv_heads",), mesh, k.shape[2:3]):
         heads = P(None)
-    q_spec = P(rows[0], None, heads[0], None)
-    kv_spec = P(rows[0], None, heads[0], None)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(rows[0], None)),
-                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+    spec = P(rows[0], None, heads[0], None)  # q, k, v and the output: [B, T, heads, H]
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(rows[0], None)),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
 
 
 def _cudnn_packed(q, k, v, segment_ids, causal):

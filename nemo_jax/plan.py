@@ -112,10 +112,10 @@ def compile_step(cfg, target: str | None = None, num_processes: int | None = Non
 
 def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
             num_processes: int | None = None) -> dict:
+    from nemo_jax import aot
+
     t0 = time.time()
     if target:
-        from nemo_jax import aot
-
         device_memory = device_memory or aot.device_memory(target)
     step = compile_step(cfg, target, num_processes)
     compiled, layout, devices, hosts = step.compiled, step.layout, step.devices, step.hosts
@@ -141,8 +141,6 @@ def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
         "temp_bytes": int(mem.temp_size_in_bytes),
     }
     if target:
-        from nemo_jax import aot
-
         program = aot.report(step.hlo)
         report.update(attention=program.attention_summary(), attention_kernels=program.attention_kernels,
                       gemms=program.gemms, fp8_gemms=program.fp8_gemms)

@@ -2,33 +2,25 @@
 (tests/workers/context_parallel_checks.py), and its compiled programs, CPU and H100, pass k/v round
 a ring instead of gathering the queries."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from workers import run_on_8_devices
 
 from nemo_jax import aot
 from nemo_jax import context_parallel as CP
 from nemo_jax.errors import UserError
 from nemo_jax.run_config import config_from_dict
 
-WORKER = Path(__file__).parent / "workers" / "context_parallel_checks.py"
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("context_parallel") / "result.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_on_8_devices("context_parallel_checks.py", tmp_path_factory.mktemp("context_parallel") / "result.json")
 
 
 @pytest.mark.parametrize("case", ["ring-seq8", "ring-fsdp2-seq4-contiguous", "ulysses-tensor2-seq4"])

@@ -1,26 +1,21 @@
 """Sharded training on 8 fake CPU devices equals one device (tests/workers/sharded_steps.py)."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from workers import run_on_8_devices
 
 from nemo_jax import sharding as S
 from nemo_jax.errors import UserError
 
-WORKER = Path(__file__).parent / "workers" / "sharded_steps.py"
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding") / "result.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_on_8_devices("sharded_steps.py", tmp_path_factory.mktemp("sharding") / "result.json")
 
 
 @pytest.mark.parametrize("mesh,mode", [(m, "full") for m in ["data8", "fsdp8", "2x2x2", "1x2x4", "seq4"]]
