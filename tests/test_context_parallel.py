@@ -3,7 +3,6 @@
 a ring instead of gathering the queries."""
 
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
