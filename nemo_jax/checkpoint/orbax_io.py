@@ -279,9 +279,38 @@ class OrbaxSource(Source):
             raise UserError(f"{raw.file}: truncated (tensor {leaf.key()!r})")
         return value if value.dtype == dt else value.astype(dt)
 
-    def restore(self, abstract) -> dict:
-        with _context():
-            return ocp.load(self.path / PARAMS_DIR, abstract)
+    def restore(self, abstract, leaves: list[layout.Leaf] | None = None) -> dict:
+        """Each device's part straight from the bytes orbax wrote (see `_raw_locations`), else
+        through orbax.
+
+        A leaf is one chunk however large (see `_context`), and tensorstore decodes a whole chunk
+        for every slice of it it is asked for: under fsdp=8 each of 8 devices would read the whole
+        leaf, concurrently. The raw path maps the file and copies out only the device's block.
+        """
+        leaves = layout.LEAVES if leaves is None else leaves
+        raw = {leaf.path: self._raw_location(leaf) for leaf in leaves}
+        if all(r is not None for r in raw.values()):
+            def make(leaf):
+                target = layout.get_path(abstract, leaf.path)
+                r = raw[leaf.path]
+                if r.inline is not None:
+                    whole = np.frombuffer(r.inline, r.dtype, math.prod(r.shape)).reshape(r.shape)
+                else:
+                    whole = np.memmap(r.file, r.dtype, "r", r.offset, r.shape) if r.nbytes else np.empty(r.shape, r.dtype)
+                dt = np.dtype(target.dtype)
+                # One device at a time, each copy placed before the next is made: the host holds
+                # one device's block beyond what is placed (make_array_from_callback would make
+                # every device's copy first: a whole leaf).
+                indices = target.sharding.addressable_devices_indices_map(target.shape)
+                shards = [jax.device_put(np.array(whole[index], dt), d).block_until_ready()
+                          for d, index in indices.items()]
+                del whole  # the mapping closes once the shards are copied out
+                return jax.make_array_from_single_device_arrays(target.shape, target.sharding, shards)
+
+            return layout.nest({leaf.path: make(leaf) for leaf in leaves})
+        tree = layout.nest({leaf.path: layout.get_path(abstract, leaf.path) for leaf in leaves})
+        with _context(partial_load=leaves is not layout.LEAVES):
+            return ocp.load(self.path / PARAMS_DIR, tree)
 
 
 class _Raw(NamedTuple):

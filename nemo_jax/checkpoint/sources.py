@@ -89,11 +89,12 @@ class Source(abc.ABC):
         config = self.config.replace(param_dtype=self.resolve_dtype(dtype))
         return config.replace(dtype=dtype) if dtype is not None else config
 
-    def restore(self, abstract) -> dict:
+    def restore(self, abstract, leaves: list[layout.Leaf] | None = None) -> dict:
         """The params as jax Arrays laid out as `abstract`'s shardings say (each device's part only).
 
         Each addressable shard is built from just the layers it covers, so a host reads what its
-        devices hold; consecutive devices asking for the same layers share one read.
+        devices hold; consecutive devices asking for the same layers share one read. `leaves`
+        restores only those (a tree of just them; `abstract` may then hold just them too).
         """
         def make(leaf: layout.Leaf):
             target = layout.get_path(abstract, leaf.path)
@@ -109,11 +110,15 @@ class Source(abc.ABC):
                 # Only the layers were selected so far; select the rest of the index within them.
                 return cache[key][(slice(None),) + tuple(index[1:]) if leaf.stacked else tuple(index)]
 
-            arr = jax.make_array_from_callback(target.shape, target.sharding, shard)
+            # One device at a time, each placed before the next is cut out: the host holds the
+            # layers read plus one device's block (make_array_from_callback would cut out every
+            # device's block first).
+            indices = target.sharding.addressable_devices_indices_map(target.shape)
+            shards = [jax.device_put(shard(index), d).block_until_ready() for d, index in indices.items()]
             cache.clear()
-            return arr
+            return jax.make_array_from_single_device_arrays(target.shape, target.sharding, shards)
 
-        return layout.nest({leaf.path: make(leaf) for leaf in layout.LEAVES})
+        return layout.nest({leaf.path: make(leaf) for leaf in (layout.LEAVES if leaves is None else leaves)})
 
 
 class SafetensorsSource(Source):
