@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from nemo_jax import preference as PF
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
 from nemo_jax.errors import UserError
@@ -80,6 +82,19 @@ def load_for_eval(path: str, dtype: str | None, mesh=None):
     return config, params, lora_params, spec
 
 
+def reference_for_eval(path: str, dtype: str | None, mesh):
+    """The params a full fine-tuning run started from (its run.json base checkpoint), or None."""
+    run_json = Path(path) / "run.json"
+    if not run_json.exists():
+        return None
+    base = (json.loads(run_json.read_text()).get("base") or {}).get("checkpoint")
+    if not base:  # trained from scratch: no starting model to compare with
+        return None
+    from nemo_jax.hub import resolve_model
+
+    return load_for_eval(str(resolve_model(base)), dtype, mesh)[1]
+
+
 def param_shardings(config, mesh):
     """The training rules' shardings of the model's param tree on `mesh`."""
     from nemo_jax import model as M
@@ -105,9 +120,13 @@ def load_fp8_for_eval(path: str, params, mesh=None):
 
 
 def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len, batch_size,
-                   loss_chunk=1024, fp8=None, mesh=None) -> dict:
+                   loss_chunk=1024, fp8=None, mesh=None, dpo=None, reference=None) -> dict:
     """fp8: (Fp8Spec, state) for an FP8-simulated forward. `mesh`: the one the params lie on (default:
-    the first device); batches are split over it as in training."""
+    the first device); batches are split over it as in training.
+
+    Preference files (preference.py) get the DPO loss and reward metrics instead, against the
+    reference model: a LoRA run's base, else `reference` (the params a full fine-tuning started
+    from); `dpo`: the TL.DpoSpec (beta) to score with."""
     from nemo_jax.data import make_eval_batches
     from nemo_jax.trainer import default_mesh, evaluate
 
@@ -124,9 +143,30 @@ def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len,
     eval_sums = jax.jit(sums)
     eval_fn = lambda p, lp, b: eval_sums(p, lp, b, fp8_state)
     results = {}
+    dpo_fn = None
     for path in files:
         if not Path(path).exists() and not str(path).startswith("hf:"):  # hf: a Hub dataset (records.py)
             raise UserError(f"--data {path}: no such file")
+        if PF.is_preference_source(path):
+            from nemo_jax.trainer import evaluate_pairs
+
+            if spec is None and reference is None:
+                raise UserError(f"--data {path}: preference pairs are scored against the model a run started from; "
+                                "give a LoRA run or a full fine-tuning run whose base checkpoint is available")
+            if dpo_fn is None:
+                dpo_spec = dataclasses.replace(step_spec, fp8=None, dpo=dpo or TL.DpoSpec())
+                traced_dpo = functools.partial(TL.dpo_eval_sums, dpo_spec)
+
+                def dpo_sums(*args):
+                    with S.activation_mesh(mesh):
+                        return traced_dpo(*args)
+
+                dpo_fn = jax.jit(dpo_sums)
+            batches = PF.make_pair_eval_batches(path, tokenizer, seq_len, batch_size)
+            results[eval_split_name(path)] = evaluate_pairs(dpo_fn, params, lora_params,
+                                                            params if reference is None else reference, batches,
+                                                            S.batch_sharding(mesh))
+            continue
         batches = make_eval_batches(path, tokenizer, seq_len, batch_size)
         loss, count = evaluate(eval_fn, params, lora_params, batches, S.batch_sharding(mesh))
         results[eval_split_name(path)] = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": int(count)}
@@ -134,9 +174,14 @@ def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len,
 
 
 def format_table(results: dict) -> str:
+    from nemo_jax.trainer import format_rewards
+
     w = max([5] + [len(k) for k in results])
     lines = [f"{'split':<{w}}  {'loss':>8}  {'perplexity':>12}  {'tokens':>10}"]
     for name, r in results.items():
+        if "reward_accuracy" in r:
+            lines.append(f"{name:<{w}}  {format_rewards(r)}")
+            continue
         lines.append(f"{name:<{w}}  {r['loss']:>8.4f}  {r['perplexity']:>12.3f}  {r['tokens']:>10,}")
     return "\n".join(lines)
 
@@ -183,8 +228,12 @@ def main_eval(args) -> dict:
               f"({', '.join(fp8[0].targets)} in e4m3, static input scales)")
     tokenizer = tokenizer_for(config, tok_path)
     loss_chunk = cfg.train.loss_chunk if cfg else 1024
+    dpo = TL.DpoSpec(cfg.dpo.beta, cfg.dpo.label_smoothing) if cfg is not None else None
+    reference = None
+    if spec is None and any(PF.is_preference_source(p) for p in args.data):
+        reference = reference_for_eval(args.checkpoint, dtype, mesh)
     results = evaluate_files(config, params, lora_params, spec, args.data, tokenizer, seq_len, batch_size,
-                             loss_chunk, fp8, mesh)
+                             loss_chunk, fp8, mesh, dpo, reference)
     print(format_table(results))
     write_results(results, args.out)
     return results

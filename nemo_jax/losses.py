@@ -17,6 +17,11 @@ target is the teacher's next-token distribution instead of the one-hot target, s
 = mask * (softmax - teacher probabilities), and the teacher's logits are computed chunk by chunk
 alongside the student's.
 
+`chunked_token_logp` gives each position's log p(target) itself, without gradient, chunk by chunk
+as well: DPO (train_loop.dpo_sums) sums them per sequence, and its gradient then comes from
+`chunked_nll_sum` with per-token weights (the derivative of the pair loss with respect to the
+pair's log-probability), so the fused head VJP above serves it unchanged.
+
 Losses are returned as sums with their token counts, so gradient accumulation and data-parallel
 shards combine exactly (token-weighted), whatever the number of trained tokens per micro-batch.
 """
@@ -201,6 +206,23 @@ def _kl_sum_bwd(dtype, res, g):
 
 
 _kl_sum.defvjp(_kl_sum_fwd, _kl_sum_bwd)
+
+
+def chunked_token_logp(hidden, head, targets, chunk: int, dtype=jnp.float32):
+    """log p(target) at every position [B, T], fp32, no gradient. hidden [B,T,D], head [D,V], targets [B,T]."""
+    T = hidden.shape[1]
+    chunk = max(1, min(chunk, T))
+    n = -(-T // chunk)
+    hs = _chunks(jax.lax.stop_gradient(hidden), chunk, n)
+    ts = _chunks(targets.astype(jnp.int32), chunk, n)
+    head = jax.lax.stop_gradient(head)
+
+    def body(_, xs):
+        h, t = xs
+        return None, -_chunk_nll(_logits(h, head, jnp.dtype(dtype)), t)[0]
+
+    _, logp = jax.lax.scan(body, None, (hs, ts))  # [n, B, c]
+    return logp.swapaxes(0, 1).reshape(hidden.shape[0], n * chunk)[:, :T]
 
 
 def token_count(mask):

@@ -47,6 +47,7 @@ from nemo_jax.fp8 import TARGETS as FP8_TARGETS
 from nemo_jax.model import LORA_TARGETS, REMAT_POLICIES
 from nemo_jax.records import DataSource, source_from_mapping
 
+OBJECTIVES = ("sft", "dpo")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -371,6 +372,8 @@ class TrainSection(_Section):
     eval_every: int = _field(0, ge=0)  # 0 = only at the end
     eval_batches: int | None = _field(None, gt=0)  # max batches per eval split; null = all
     loss_chunk: int = _field(1024, gt=0)  # sequence positions per cross-entropy chunk ([B, chunk, V] fp32 logits)
+    # sft: next-token NLL on the trained tokens; dpo: preference pairs (the dpo section, preference.py)
+    objective: str = _field("sft", choices=OBJECTIVES)
 
     def _validate(self):
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
@@ -458,6 +461,16 @@ class Fp8Section(_Section):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DpoSection(_Section):
+    """Direct preference optimisation (train.objective: dpo): the loss of each pair is
+    -log sigmoid(beta * margin), smoothed towards the opposite label by label_smoothing (cDPO)."""
+
+    _section = "dpo"
+    beta: float = _field(0.1, gt=0)
+    label_smoothing: float = _field(0.0, ge=0, lt=0.5)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig(_Section):
     output_dir: str
     model: ModelSection
@@ -467,6 +480,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     fp8: Fp8Section = dataclasses.field(default_factory=Fp8Section)
+    dpo: DpoSection = dataclasses.field(default_factory=DpoSection)
 
     @classmethod
     def from_dict(cls, d: Mapping, source: str = "config") -> "RunConfig":

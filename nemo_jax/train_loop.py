@@ -40,7 +40,7 @@ from nemo_jax import model as M
 from nemo_jax import sharding as S
 from nemo_jax.config import ModelConfig
 from nemo_jax.errors import UserError
-from nemo_jax.losses import chunked_kl_sum, chunked_nll_sum, token_count
+from nemo_jax.losses import chunked_kl_sum, chunked_nll_sum, chunked_token_logp, token_count
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -154,6 +154,10 @@ class StepSpec:
     # unquantised `frozen` params (LoRA: the base without adapters; full fine-tuning: the starting
     # weights), instead of the next-token NLL.
     distill: bool = False
+    # Preference optimisation (DPO) on pair batches (preference.py) instead of the next-token NLL; the
+    # reference model is the LoRA base without adapters, or for full fine-tuning the `frozen` copy of
+    # the starting weights.
+    dpo: DpoSpec | None = None
 
     @property
     def per_layer(self) -> bool:
@@ -163,6 +167,98 @@ class StepSpec:
     @property
     def dropout(self) -> bool:
         return self.lora is not None and self.lora.dropout > 0
+
+
+@dataclass(frozen=True)
+class DpoSpec:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+
+REWARD_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
+
+
+def dpo_pair_loss(policy, reference, beta: float, label_smoothing: float = 0.0):
+    """Per-pair DPO loss [P] and the implicit rewards of both sides, from [P, 2] (chosen, rejected)
+    sequence log-probabilities: z = beta * ((pi_c - ref_c) - (pi_r - ref_r)),
+    loss = -(1 - ls) log sigmoid(z) - ls log sigmoid(-z) (Rafailov et al. 2023; cDPO smoothing)."""
+    rewards = beta * (policy - reference)
+    z = rewards[:, 0] - rewards[:, 1]
+    loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+    return loss, rewards[:, 0], rewards[:, 1]
+
+
+def pair_logps(hidden, head, batch, chunk: int, dtype):
+    """[B, 2] sums of the masked token log-probabilities of each row's segment 1 (chosen) and 2
+    (rejected), no gradient, and the [B, T, 2] masks they summed over."""
+    seg, mask = batch["segment_ids"], batch["loss_mask"].astype(jnp.float32)
+    w = jnp.stack([mask * (seg == 1), mask * (seg == 2)], axis=-1)
+    logp = chunked_token_logp(hidden, head, batch["targets"], chunk, dtype)
+    return jnp.einsum("BT,BTs->Bs", logp, w), w
+
+
+def dpo_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8_probes=None):
+    """(sum of the per-pair DPO loss, stats): stats holds the pair count ("count", what the step
+    divides by), the trained tokens and the sums of the reward metrics.
+
+    The loss is a function of each pair's two sequence log-probabilities, themselves sums of token
+    log-probabilities. Those are computed without gradient; the gradient comes from the chunked
+    NLL with per-token weights d loss / d log p(pair side), which has the same derivative, so the
+    [B, T, V] logits never exist whole, forward or backward (one extra forward pass of the head).
+    """
+    if spec.lora is not None:
+        params, lora_params = frozen, trainable
+    else:
+        params, lora_params = trainable, None
+    dtype = jnp.dtype(spec.config.dtype)
+    hidden, head = M.forward(
+        spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+        lora_params=lora_params, lora=spec.lora, return_hidden=True,
+        rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat,
+        fp8=spec.fp8, fp8_state=fp8_state, fp8_probes=fp8_probes, scan_unroll=spec.scan_unroll)
+    # The reference: the starting model's plain forward (LoRA: the base without adapters), no gradient
+    r_hidden, r_head = jax.lax.stop_gradient(M.forward(
+        spec.config, frozen, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
+        scan_unroll=spec.scan_unroll))
+    policy, w = pair_logps(hidden, head, batch, spec.loss_chunk, dtype)
+    reference, _ = pair_logps(r_hidden, r_head, batch, spec.loss_chunk, dtype)
+    valid = (jnp.sum(w[..., 0], axis=1) > 0).astype(jnp.float32)  # rows of the last eval batch may be empty
+    dpo = spec.dpo
+    loss_of = lambda pol: dpo_pair_loss(pol, reference, dpo.beta, dpo.label_smoothing)[0]  # noqa: E731
+    losses, d_policy = loss_of(policy), jax.grad(lambda pol: jnp.sum(loss_of(pol) * valid))(policy)
+    # d loss / d logp(token) = d loss / d logp(its side); the NLL is -logp, hence the sign
+    weights = jax.lax.stop_gradient(-jnp.einsum("BTs,Bs->BT", w, d_policy))
+    surrogate = chunked_nll_sum(hidden, head, batch["targets"], weights, spec.loss_chunk, dtype)
+    total = jnp.sum(losses * valid) + surrogate - jax.lax.stop_gradient(surrogate)
+    return total, _reward_stats(losses, policy, reference, valid, w, dpo.beta)
+
+
+def _reward_stats(losses, policy, reference, valid, w, beta) -> dict:
+    rewards = beta * (policy - reference)
+    rc, rr = rewards[:, 0], rewards[:, 1]
+    return {"count": jnp.sum(valid), "tokens": jnp.sum(w),
+            "rewards_chosen": jnp.sum(rc * valid), "rewards_rejected": jnp.sum(rr * valid),
+            "reward_margin": jnp.sum((rc - rr) * valid), "reward_accuracy": jnp.sum((rc > rr) * valid)}
+
+
+def dpo_eval_sums(spec: StepSpec, params, lora_params, reference_params, batch):
+    """(sum of the per-pair DPO loss, stats as dpo_sums) without gradient. LoRA: the reference is
+    `params` without adapters (reference_params unused); else `reference_params`."""
+    dtype = jnp.dtype(spec.config.dtype)
+    if spec.lora is None:
+        lora_params = None
+    else:
+        reference_params = params
+    hidden, head = M.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                             lora_params=lora_params, lora=spec.lora, return_hidden=True,
+                             scan_unroll=spec.scan_unroll)
+    r_hidden, r_head = M.forward(spec.config, reference_params, batch["tokens"], batch["positions"],
+                                 batch["segment_ids"], return_hidden=True, scan_unroll=spec.scan_unroll)
+    policy, w = pair_logps(hidden, head, batch, spec.loss_chunk, dtype)
+    reference, _ = pair_logps(r_hidden, r_head, batch, spec.loss_chunk, dtype)
+    valid = (jnp.sum(w[..., 0], axis=1) > 0).astype(jnp.float32)
+    losses = dpo_pair_loss(policy, reference, spec.dpo.beta, spec.dpo.label_smoothing)[0]
+    return jnp.sum(losses * valid), _reward_stats(losses, policy, reference, valid, w, spec.dpo.beta)
 
 
 def loss_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8_probes=None):
@@ -202,24 +298,31 @@ def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, f
     fp8_state = state.get("fp8")
     probes = M.init_fp8(spec.config, spec.fp8, spec.lora)[1] if spec.fp8 is not None else {}
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = jax.value_and_grad(lambda t, p, b, r: loss_sums(spec, t, frozen, b, r, fp8_state, p or None),
-                                 argnums=(0, 1), has_aux=True)
+    def sums(t, p, b, r):  # (loss sum, stats): stats["count"] is what the step's loss is a mean over
+        if spec.dpo is not None:
+            return dpo_sums(spec, t, frozen, b, r, fp8_state, p or None)
+        total, n = loss_sums(spec, t, frozen, b, r, fp8_state, p or None)
+        return total, {"count": n, "tokens": n}
+
+    grad_fn = jax.value_and_grad(sums, argnums=(0, 1), has_aux=True)
 
     if spec.n_micro == 1:  # no accumulation loop (and no zero-filled accumulators)
-        (s_sum, n_sum), (g_sum, observed) = grad_fn(trainable, probes, batch, jax.random.fold_in(rng, 0))
+        (s_sum, stats), (g_sum, observed) = grad_fn(trainable, probes, batch, jax.random.fold_in(rng, 0))
     else:
         micro = jax.tree.map(lambda x: x.reshape((spec.n_micro, -1) + x.shape[1:]), batch)
 
         def body(acc, xs):
             mb, i = xs
-            (s, n), (g, obs) = grad_fn(trainable, probes, mb, jax.random.fold_in(rng, i))
-            g_acc, s_acc, n_acc, obs_acc = acc
-            return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g), s_acc + s, n_acc + n,
-                    F8.combine_observations(obs_acc, obs)), None
+            (s, st), (g, obs) = grad_fn(trainable, probes, mb, jax.random.fold_in(rng, i))
+            g_acc, s_acc, st_acc, obs_acc = acc
+            return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g), s_acc + s,
+                    jax.tree.map(jnp.add, st_acc, st), F8.combine_observations(obs_acc, obs)), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-        init = (zeros, 0.0, 0.0, F8.zero_observations(probes))
-        (g_sum, s_sum, n_sum, observed), _ = jax.lax.scan(body, init, (micro, jnp.arange(spec.n_micro)))
+        keys = ("count", "tokens") + (REWARD_METRICS if spec.dpo is not None else ())
+        init = (zeros, 0.0, {k: jnp.zeros((), jnp.float32) for k in keys}, F8.zero_observations(probes))
+        (g_sum, s_sum, stats, observed), _ = jax.lax.scan(body, init, (micro, jnp.arange(spec.n_micro)))
+    n_sum = stats["count"]
     denom = jnp.maximum(n_sum, 1.0)
     if isinstance(opt, FusedAdamW):
         # The optimizer divides by the token count in its one pass over the gradient (no pass of
@@ -234,7 +337,9 @@ def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, f
     new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
     if fp8_state is not None:
         new_state["fp8"] = F8.update_state(fp8_state, observed, spec.fp8)
-    metrics = {"loss": s_sum / denom, "grad_norm": grad_norm, "tokens": n_sum}
+    metrics = {"loss": s_sum / denom, "grad_norm": grad_norm, "tokens": stats["tokens"]}
+    if spec.dpo is not None:
+        metrics.update({k: stats[k] / denom for k in REWARD_METRICS})
     return new_state, metrics
 
 

@@ -20,6 +20,7 @@ from nemo_jax import context_parallel as CP
 from nemo_jax import fp8 as F8
 from nemo_jax import lora as lora_lib
 from nemo_jax import model as M
+from nemo_jax import preference as PF
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
 from nemo_jax.config import ModelConfig
@@ -28,7 +29,8 @@ from nemo_jax.hub import model_reference
 from nemo_jax.distributed import is_main_process, peers_fail_fast
 from nemo_jax.plan import model_config_for
 from nemo_jax.metrics import MetricsWriter, NullWriter, plot_losses
-from nemo_jax.run_config import eval_split_name
+from nemo_jax.records import DataSource
+from nemo_jax.run_config import eval_split_name, parse_source
 
 
 def lora_spec(cfg) -> M.LoraSpec | None:
@@ -78,6 +80,28 @@ def device_batch(batch: dict, sharding, rows: tuple[int, int] = (0, 1)) -> dict:
         return jax.make_array_from_callback((n * blocks, t), sharding, part)
 
     return {k: put(np.asarray(batch[k])) for k in TL.BATCH_KEYS}
+
+
+def evaluate_pairs(eval_fn, params, lora_params, reference, batches, sharding, max_batches=None, rows=(0, 1)) -> dict:
+    """Pair-weighted means of the DPO loss and reward metrics over a preference split, and its pair count."""
+    total, sums = 0.0, {}
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        s, stats = eval_fn(params, lora_params, reference, device_batch(batch, sharding, rows))
+        total += float(s)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    if not sums.get("count"):
+        raise UserError("evaluation split has no preference pairs")
+    n = sums["count"]
+    return {"dpo_loss": total / n, **{k: sums[k] / n for k in TL.REWARD_METRICS}, "pairs": int(n)}
+
+
+def format_rewards(r: dict) -> str:
+    return (f"dpo loss {r['dpo_loss']:.4f}, reward accuracy {r['reward_accuracy']:.1%}, margin "
+            f"{r['reward_margin']:.4f} (chosen {r['rewards_chosen']:.4f}, rejected {r['rewards_rejected']:.4f}; "
+            f"{r['pairs']} pairs)")
 
 
 def evaluate(eval_fn, params, lora_params, batches, sharding, max_batches=None, rows=(0, 1)) -> tuple[float, float]:
@@ -197,8 +221,9 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
     spec_lora = lora_spec(cfg)
     n_micro = TL.n_micro(tc.batch_size, tc.micro_batch_size)
     distill = cfg.fp8.enabled and cfg.fp8.distill
+    dpo = dpo_spec(cfg)
     step_spec = TL.StepSpec(config, spec_lora, cfg.model.remat, n_micro, tc.loss_chunk, fp8_spec(cfg),
-                            cfg.model.scan_unroll, distill=distill)
+                            cfg.model.scan_unroll, distill=distill, dpo=dpo)
     opt = TL.make_optimizer(tc)
     axes = M.logical_axes(config, spec_lora)
     abstract = M.abstract_variables(config, spec_lora)
@@ -207,8 +232,9 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
         trainable_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
         frozen_sh = param_sh
         trainable_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract["lora"])
-    else:  # full fine-tuning: `frozen` is the distillation teacher, if any
-        trainable_sh, frozen_sh, trainable_abs = param_sh, param_sh if distill else None, abstract["params"]
+    else:  # full fine-tuning: `frozen` is the distillation teacher or the DPO reference, if any
+        reference = distill or dpo is not None
+        trainable_sh, frozen_sh, trainable_abs = param_sh, param_sh if reference else None, abstract["params"]
     fp8_abs = jax.eval_shape(lambda: M.init_fp8(config, step_spec.fp8, spec_lora)[0]) if step_spec.fp8 else None
     ckpt_state_sh = TL.state_shardings(opt, trainable_abs, trainable_sh, mesh, fp8_abs)
     state_sh = ckpt_state_sh
@@ -239,9 +265,18 @@ def _with_shardings(abstract, shardings):
     return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
 
 
+def dpo_spec(cfg) -> TL.DpoSpec | None:
+    if cfg.train.objective != "dpo":
+        return None
+    return TL.DpoSpec(beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
+
+
 def check_run_config(cfg, config: ModelConfig, n_devices: int | None = None, n_processes: int | None = None):
     """n_devices / n_processes: of the run being planned (a deviceless GPU plan); default: this one's."""
     tc = cfg.train
+    if tc.objective == "dpo" and (cfg.fp8.distill or cfg.fp8.store_base):
+        raise UserError(f"train.objective: dpo compares the model with its unquantised starting point; it cannot be "
+                        f"combined with fp8.{'distill' if cfg.fp8.distill else 'store_base'}")
     n_devices = jax.device_count() if n_devices is None else n_devices
     n_processes = jax.process_count() if n_processes is None else n_processes
     if cfg.fp8.enabled and cfg.fp8.store_base and not cfg.lora.enabled:
@@ -273,7 +308,7 @@ def check_run_config(cfg, config: ModelConfig, n_devices: int | None = None, n_p
 # else may change on resume: train.steps may grow, cadences, lr schedule, mesh, remat, scan_unroll.
 RESUME_KEYS = ("model.checkpoint", "model.preset", "model.param_dtype", "lora.enabled", "lora.rank", "lora.alpha",
                "lora.targets", "train.batch_size", "train.micro_batch_size", "train.seq_len", "train.seed",
-               "data.train", "data.tokenizer", "fp8")
+               "data.train", "data.tokenizer", "fp8", "train.objective")
 
 
 def check_resume(saved: dict | None, cfg, where: str) -> None:
@@ -325,7 +360,8 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
     if layout.lora is not None:
         trainable = jax.device_put(lora_lib.init_lora(config, layout.lora, lora_rng), layout.trainable_sh)
         frozen = base
-    elif layout.step_spec.distill:  # the teacher: a copy of the starting weights (the step donates its state)
+    elif layout.step_spec.distill or layout.step_spec.dpo is not None:
+        # the teacher / the DPO reference: a copy of the starting weights (the step donates its state)
         trainable, frozen = base, jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=layout.param_sh)(base)
     else:
         trainable, frozen = base, None
@@ -360,10 +396,16 @@ def train(cfg) -> Path:
 
     # Each process reads the rows its devices hold (S.process_rows), as data.py's "process" block.
     train_rows = S.process_rows(batch_sh, (tc.batch_size, tc.seq_len))
-    train_iter = make_train_iterator(
-        list(cfg.data.train), tokenizer, tc.seq_len, tc.batch_size, tc.seed,
-        skip_bad_records=cfg.data.skip_bad_records, process_index=train_rows[0],
-        process_count=train_rows[1], num_proc=cfg.data.num_proc)
+    if tc.objective == "dpo":  # preference pairs, one per row (preference.py)
+        train_iter = PF.make_pair_iterator(
+            [s if isinstance(s, DataSource) else DataSource(*parse_source(s)) for s in cfg.data.train], tokenizer,
+            tc.seq_len, tc.batch_size, tc.seed, skip_bad_records=cfg.data.skip_bad_records,
+            process_index=train_rows[0], process_count=train_rows[1])
+    else:
+        train_iter = make_train_iterator(
+            list(cfg.data.train), tokenizer, tc.seq_len, tc.batch_size, tc.seed,
+            skip_bad_records=cfg.data.skip_bad_records, process_index=train_rows[0],
+            process_count=train_rows[1], num_proc=cfg.data.num_proc)
 
     if start:
         state, meta = TL.restore_checkpoint(mngr, start, layout.abstract_state())
@@ -395,9 +437,23 @@ def train(cfg) -> Path:
     eval_bs = tc.micro_batch_size or tc.batch_size
     eval_rows = S.process_rows(batch_sh, (eval_bs, tc.seq_len))
 
+    dpo_eval = jax.jit(functools.partial(TL.dpo_eval_sums, dataclasses.replace(layout.step_spec, fp8=None)))
+
     def run_eval(step):
         params, lora_params = (frozen, state["trainable"]) if spec_lora else (state["trainable"], None)
         for path in cfg.data.eval:
+            if PF.is_preference_source(path):  # reward metrics against the reference (LoRA: the base)
+                batches = PF.make_pair_eval_batches(path, tokenizer, tc.seq_len, eval_bs,
+                                                    skip_bad_records=cfg.data.skip_bad_records,
+                                                    process_index=eval_rows[0], process_count=eval_rows[1])
+                ref = frozen if frozen is not None else params
+                rec = {"step": step, "split": eval_split_name(path),
+                       **evaluate_pairs(dpo_eval, params, lora_params, ref, batches, batch_sh, tc.eval_batches,
+                                        eval_rows)}
+                rec["eval_loss"] = rec["dpo_loss"]  # the split's loss curve in loss.png
+                writer.log(rec)
+                tqdm.write(f"step {step}: eval {rec['split']}: " + format_rewards(rec))
+                continue
             batches = make_eval_batches(path, tokenizer, tc.seq_len, eval_bs, skip_bad_records=cfg.data.skip_bad_records,
                                         num_proc=cfg.data.num_proc, process_index=eval_rows[0],
                                         process_count=eval_rows[1])
@@ -444,6 +500,7 @@ def train(cfg) -> Path:
                     rec = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": gnorm,
                            "tokens_per_sec": tps, "mfu": tps * flops_tok / peak,
                            "trained_tokens": int(metrics["tokens"])}
+                    rec.update({k: float(metrics[k]) for k in TL.REWARD_METRICS if k in metrics})
                     writer.log(rec)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}")
                     if not np.isfinite(loss):
