@@ -111,6 +111,40 @@ def test_raw_leaf_reads_match_orbax(sources, tmp_path, monkeypatch):
     assert_bit_exact(sources["hf16"], tmp_path / "out")
 
 
+def test_large_leaves_stay_one_chunk_and_chunked_checkpoints_still_load(sources, tmp_path, monkeypatch):
+    """orbax splits a leaf above its OCDBT data-file target (2 GiB, which 12B's 5.9 GB MLP stacks
+    exceed) into chunks, and tensorstore then copies the whole leaf to save it; our saves keep one
+    chunk per leaf. A checkpoint in orbax's chunked layout still loads, restores and exports."""
+    from orbax.checkpoint import v1 as ocp
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    from nemo_jax.checkpoint import orbax_io
+
+    monkeypatch.setattr(tensorstore_utils, "_DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE", 4096)  # every leaf is "large"
+    cli("import", sources["hf16"], tmp_path / "ckpt")
+    ours = checkpoint.open_checkpoint(tmp_path / "ckpt")
+    assert all(ours._raw_location(leaf) is not None for leaf in layout.LEAVES)
+
+    config, params = checkpoint.load(tmp_path / "ckpt")
+    ctx = orbax_io._context()
+    ctx.array.saving.ocdbt_target_data_file_size = None  # orbax's own choice: chunks of 4096 bytes
+    (tmp_path / "chunked").mkdir()
+    with ctx:
+        ocp.save(tmp_path / "chunked" / orbax_io.PARAMS_DIR, params)
+    orbax_io.write_config(tmp_path / "chunked", config)
+    chunked = checkpoint.open_checkpoint(tmp_path / "chunked")
+    assert chunked._raw_location(layout.LEAVES[0]) is None
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.load(tmp_path / "chunked")[1], params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    leaf = next(leaf for leaf in layout.LEAVES if leaf.stacked)
+    for source in (ours, chunked):  # one leaf alone, from the raw bytes and through orbax
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), source.abstract())
+        got = layout.get_path(source.restore(target, leaves=[leaf]), leaf.path)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(layout.get_path(params, leaf.path)))
+    cli("export", tmp_path / "chunked", tmp_path / "out", "--format", "hf")
+    assert_bit_exact(sources["hf16"], tmp_path / "out")
+
+
 def test_background_writer_reports_errors_and_stops(tmp_path, monkeypatch):
     entries = [("a", np.dtype(np.float32), (64, 4)), ("b", np.dtype(np.float32), (8,))]
     arrays = {"a": np.arange(256, dtype=np.float32).reshape(64, 4), "b": np.ones(8, np.float32)}
