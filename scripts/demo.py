@@ -3,7 +3,9 @@
 1. pretrain a small NeMo-architecture model from scratch on the shipped multilingual corpus;
 2. evaluate it on the held-out function-calling split (before);
 3. LoRA-fine-tune it on the shipped multilingual function-calling set;
-4. evaluate again (after), export the adapter for PEFT and the merged model for transformers.
+4. evaluate again (after), export the adapter for PEFT and the merged model for transformers;
+5. DPO on the shipped preference pairs (right tool call over a wrong tool or wrong arguments), LoRA on the
+   merged SFT model (also the DPO reference), and evaluate reward accuracy and tool calls once more.
 """
 
 import json
@@ -15,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path("outputs/demo")
 EVAL = ["data/demo/tools_eval.jsonl", "data/demo/pretrain_eval.jsonl"]
+PREFS = "data/demo/prefs_eval.jsonl"
 
 
 def run(*args):
@@ -38,6 +41,9 @@ def main():
     run("eval.py", "--checkpoint", str(OUT / "lora"), *tools_task, "--out", str(OUT / "tools_after.json"))
     run("-m", "nemo_jax.convert", "export", str(OUT / "lora"), str(OUT / "export_peft"), "--format", "peft", "--force")
     run("-m", "nemo_jax.convert", "export", str(OUT / "lora"), str(OUT / "export_hf"), "--format", "hf", "--force")
+    run("train.py", "--config", "configs/demo_dpo.yaml")
+    run("eval.py", "--checkpoint", str(OUT / "dpo"), "--data", PREFS, "--out", str(OUT / "prefs_after.json"))
+    run("eval.py", "--checkpoint", str(OUT / "dpo"), *tools_task, "--out", str(OUT / "tools_dpo.json"))
 
     before = json.loads((ROOT / OUT / "eval_before.json").read_text())
     after = json.loads((ROOT / OUT / "eval_after.json").read_text())
@@ -48,9 +54,17 @@ def main():
               f"{after[split]['perplexity']:9.2f}")
     tb = json.loads((ROOT / OUT / "tools_before.json").read_text())["overall"]
     ta = json.loads((ROOT / OUT / "tools_after.json").read_text())["overall"]
-    print("\nfunction calling on the held-out split, before -> after:")
+    td = json.loads((ROOT / OUT / "tools_dpo.json").read_text())["overall"]
+    print("\nfunction calling on the held-out split: pretrained -> LoRA SFT -> SFT + DPO:")
     for k in ("tool_call_valid_json", "tool_call_name_accuracy", "tool_call_exact", "text_exact"):
-        print(f"  {k:<24} {tb[k]:6.1%} -> {ta[k]:6.1%}")
+        print(f"  {k:<24} {tb[k]:6.1%} -> {ta[k]:6.1%} -> {td[k]:6.1%}")
+    recs = [json.loads(line) for line in (ROOT / OUT / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    pb = next(r for r in recs if r.get("split") == "prefs_eval")  # step 0: the model is its own reference
+    pa = json.loads((ROOT / OUT / "prefs_after.json").read_text())["prefs_eval"]
+    print(f"\nheld-out preference pairs ({pa['pairs']}), before -> after DPO:")
+    for k in ("reward_accuracy", "reward_margin", "dpo_loss"):
+        fmt = ".1%" if k == "reward_accuracy" else ".4f"
+        print(f"  {k:<24} {pb[k]:{fmt}} -> {pa[k]:{fmt}}")
     print(f"""
 where things are (under {ROOT / OUT}):
   pretrain/           run directory: checkpoints/, metrics.jsonl, tb/ (tensorboard --logdir), loss.png
@@ -58,6 +72,8 @@ where things are (under {ROOT / OUT}):
   eval_before.json, eval_after.json, tools_before.json, tools_after.json
   export_peft/        adapter_config.json + adapter_model.safetensors for HF PEFT
   export_hf/          merged model for transformers.AutoModelForCausalLM.from_pretrained
+  dpo/                DPO run directory (LoRA on export_hf, its reference), metrics.jsonl with the rewards
+  prefs_after.json, tools_dpo.json
 demo finished in {time.time() - t0:.0f} s""")
 
 

@@ -13,6 +13,11 @@ Outputs (JSON Lines, UTF-8, one record per line):
       style function-calling conversations (single and parallel calls, plain chat, system prompts, multi-turn)
       in the same 11 languages; every one encodes with mistral-common's V3 Tekken instruct tokenizer in
       finetuning mode and is at most 256 tokens long.
+  prefs_train.jsonl / prefs_eval.jsonl         {"messages": [...], "tools": [...], "chosen": {...}, "rejected": {...}}:
+      preference pairs for the demo's DPO stage (nemo_jax/preference.py), one per tool-calling conversation of
+      tools_train / tools_eval: the prompt is the conversation up to its first tool-calling turn, `chosen` that
+      turn (the right tool with the right arguments), `rejected` the same turn with another tool's name or one
+      argument value changed.
 
 Train and eval are drawn from different seeds; eval records that happen to equal a train record are dropped.
 Everything depends only on the seeds below, `random.Random` and the tokenizer packaged with mistral-common, so
@@ -32,11 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "data" / "demo"
 
-SEEDS = {"pretrain_train": 1001, "pretrain_eval": 2002, "tools_train": 3003, "tools_eval": 4004}
+SEEDS = {"pretrain_train": 1001, "pretrain_eval": 2002, "tools_train": 3003, "tools_eval": 4004,
+         "prefs_train": 5005, "prefs_eval": 6006}
 COUNTS = {"pretrain_train": 3000, "pretrain_eval": 200, "tools_train": 1500, "tools_eval": 150}
 FILES = [f"{name}.jsonl" for name in SEEDS]
 
 MAX_TOKENS = 256  # the demo's train.seq_len
+PREF_TRAIN_PAIRS = 500  # the DPO stage's training pairs (it takes a few of them; data/demo stays under 3 MB)
 DISTRACTOR_MAX_TOKENS = 224  # an unused extra tool is offered only where the conversation stays this short
 DOC_MIN_TOKENS, DOC_MAX_TOKENS = 30, 150  # pretraining documents, BOS + text + EOS
 
@@ -1317,6 +1324,49 @@ def gen_tools(seed: int, n: int, tok, exclude: set[str] = frozenset()) -> tuple[
     return out, lengths
 
 
+def _arg_pool(recs: list[dict]) -> dict[tuple[str, str], list]:
+    """Every value each (tool, argument) takes in `recs`, in first-seen order: what a wrong argument may be."""
+    pool: dict[tuple[str, str], list] = {}
+    for rec in recs:
+        for m in rec["messages"]:
+            for c in m.get("tool_calls", []):
+                for k, v in json.loads(c["function"]["arguments"]).items():
+                    values = pool.setdefault((c["function"]["name"], k), [])
+                    if v not in values:
+                        values.append(v)
+    return pool
+
+
+def gen_pairs(seed: int, recs: list[dict], pool) -> list[dict]:
+    """One preference pair per conversation of `recs` with a tool call (module docstring)."""
+    rng = random.Random(seed)
+    out = []
+    for rec in recs:
+        turn = next((i for i, m in enumerate(rec["messages"]) if m.get("tool_calls")), None)
+        if turn is None:
+            continue
+        chosen = rec["messages"][turn]
+        calls = [json.loads(json.dumps(c)) for c in chosen["tool_calls"]]
+        k = rng.randrange(len(calls))
+        fn = calls[k]["function"]
+        args = json.loads(fn["arguments"])
+        if rng.random() < 0.5 or not args:  # the wrong tool, with the same arguments
+            fn["name"] = rng.choice([t for t in TOOL_NAMES if t != fn["name"]])
+        else:  # the right tool, one wrong argument value
+            key = rng.choice(sorted(args))
+            others = [v for v in pool.get((fn["name"], key), []) if v != args[key]]
+            if others:
+                args[key] = rng.choice(others)
+            elif isinstance(args[key], (int, float)) and not isinstance(args[key], bool):
+                args[key] = args[key] + rng.randint(1, 9)
+            else:
+                fn["name"] = rng.choice([t for t in TOOL_NAMES if t != fn["name"]])
+            fn["arguments"] = dumps(args)
+        out.append({"messages": rec["messages"][:turn], "tools": rec["tools"], "chosen": chosen,
+                    "rejected": {"role": "assistant", "tool_calls": calls}})
+    return out
+
+
 def build(tok=None, verbose: bool = False) -> dict[str, bytes]:
     """All output files as {file name: bytes}; validates every conversation with mistral-common."""
     tok = tok or load_mistral_tokenizer()
@@ -1332,6 +1382,9 @@ def build(tok=None, verbose: bool = False) -> dict[str, bytes]:
     t_eval, l_eval = gen_tools(SEEDS["tools_eval"], COUNTS["tools_eval"], tok, exclude={dumps(r) for r in t_train})
     files = {"pretrain_train.jsonl": _jsonl(p_train), "pretrain_eval.jsonl": _jsonl(p_eval),
              "tools_train.jsonl": _jsonl(t_train), "tools_eval.jsonl": _jsonl(t_eval)}
+    pool = _arg_pool(t_train + t_eval)
+    files["prefs_train.jsonl"] = _jsonl(gen_pairs(SEEDS["prefs_train"], t_train, pool)[:PREF_TRAIN_PAIRS])
+    files["prefs_eval.jsonl"] = _jsonl(gen_pairs(SEEDS["prefs_eval"], t_eval, pool))
     if verbose:
         for name, recs in (("pretrain_train", p_train), ("pretrain_eval", p_eval)):
             print(_stats(name, [count_tokens(r["text"]) for r in recs]) + f"  {len(files[name + '.jsonl'])} bytes")
