@@ -296,6 +296,8 @@ def normalize(rec, columns=()) -> dict:
         values = {canonical: rec.pop(field, None) for canonical, field in columns}
         rec.update({k: v for k, v in values.items() if v is not None})
     get = lambda k: rec.get(k)  # noqa: E731
+    if get("chosen") is not None and get("rejected") is not None:  # preference.py reads these
+        raise UserError("a preference pair ('chosen' / 'rejected') is training data for train.objective: dpo")
     if get("text") is not None and get("messages") is not None:
         raise UserError("a record has either 'text' or 'messages', not both")
     tools = _json_list(rec, "tools")
