@@ -95,7 +95,7 @@ def compile_step(cfg, target: str | None = None, num_processes: int | None = Non
     check_run_config(cfg, config, len(devices), hosts)
     mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence, devices=devices)
     layout = make_layout(cfg, config, mesh)
-    state, frozen = layout.abstract_step_inputs()  # frozen: the LoRA base or the distillation teacher
+    state, frozen = layout.abstract_step_inputs()  # frozen: the LoRA base, distillation teacher or DPO reference
     if frozen is not None and layout.fp8 is not None and layout.fp8.base_fp8:  # targeted kernels in e4m3
         from nemo_jax import fp8 as F8
 

@@ -215,3 +215,18 @@ def test_bad_preference_records_name_file_and_line(tmp_path):
         msg = str(e.value)
         assert msg.startswith(f"{bad}:2: ") and reason in msg and "\n" not in msg, msg
     assert len(PF.load_pairs([str(bad)], tok, 128, skip_bad_records=True)) == 1
+
+
+def test_planner_counts_the_full_fine_tuning_reference():
+    from nemo_jax import model as M
+    from nemo_jax.plan import compile_step
+
+    def arguments(objective):
+        cfg = load_config(ROOT / "configs/tiny.yaml", [f"train.objective={objective}"])
+        return compile_step(cfg).compiled.memory_analysis().argument_size_in_bytes, cfg
+
+    (sft, cfg), (dpo, _) = arguments("sft"), arguments("dpo")
+    from nemo_jax.plan import model_config_for
+
+    params = M.count_params(M.abstract_variables(model_config_for(cfg))["params"]) * 4  # float32
+    assert dpo - sft == params  # the frozen copy of the starting weights, nothing else
