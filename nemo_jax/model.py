@@ -40,6 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nemo_jax import backend
 from nemo_jax import fp8 as F8
+from nemo_jax import nf4 as NF4
 from nemo_jax.attention import attention
 from nemo_jax.config import ModelConfig
 from nemo_jax.sharding import constrain
@@ -155,12 +156,15 @@ class Linear(nn.Module):
     def __call__(self, x, weight_amax=None):
         n_in = len(self.in_shape)
         fan_in = int(np.prod(self.in_shape))
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=fan_in ** -0.5), self.axes),
-            self.in_shape + self.out_shape,
-            self.param_dtype,
-        )
+        if self.has_variable("params", "codes"):  # an NF4 base (nf4.py): this layer's kernel, dequantised here
+            kernel = NF4.dequantize_kernel(self.variables["params"], self.in_shape, self.out_shape, self.dtype)
+        else:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(nn.initializers.normal(stddev=fan_in ** -0.5), self.axes),
+                self.in_shape + self.out_shape,
+                self.param_dtype,
+            )
         ab = None
         if self.lora is not None:
             r = self.lora.rank

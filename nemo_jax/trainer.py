@@ -20,6 +20,7 @@ from nemo_jax import context_parallel as CP
 from nemo_jax import fp8 as F8
 from nemo_jax import lora as lora_lib
 from nemo_jax import model as M
+from nemo_jax import nf4 as NF4
 from nemo_jax import preference as PF
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
@@ -141,6 +142,7 @@ class Layout:
     batch_sh: object
     ckpt_state_sh: dict
     context_parallel: str = "ring"  # mesh.context_parallel: attention over a sequence-sharded mesh
+    nf4_double_quant: bool | None = None  # lora.quantize_base: nf4 (None: a full-precision base)
 
     @property
     def unstacked(self) -> bool:
@@ -175,7 +177,10 @@ class Layout:
         state = _with_shardings(jax.eval_shape(self.from_checkpoint, self.abstract_state()), self.state_sh)
         frozen = None
         if self.frozen_sh is not None:
-            frozen = _with_shardings(jax.eval_shape(self.step_params, self.abstract_params()), self.frozen_sh)
+            base = self.abstract_params()
+            if self.nf4_double_quant is not None:
+                base = NF4.abstract_params(base, self.lora.targets, self.nf4_double_quant)
+            frozen = _with_shardings(jax.eval_shape(self.step_params, base), self.frozen_sh)
         return state, frozen
 
     def from_checkpoint(self, state):
@@ -231,6 +236,10 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
     if spec_lora is not None:
         trainable_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
         frozen_sh = param_sh
+        if cfg.lora.quantize_base == "nf4":  # the frozen base as the step holds it: NF4 codes and scales
+            t, dq = spec_lora.targets, cfg.lora.double_quant
+            frozen_sh = S.tree_shardings(NF4.logical_axes(axes["params"], t, dq),
+                                         NF4.abstract_params(abstract["params"], t, dq), mesh)
         trainable_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract["lora"])
     else:  # full fine-tuning: `frozen` is the distillation teacher or the DPO reference, if any
         reference = distill or dpo is not None
@@ -244,7 +253,8 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
         if frozen_sh is not None:
             frozen_sh = unstack_shardings(frozen_sh, config.n_layers)
     return Layout(config, spec_lora, step_spec, opt, mesh, param_sh, trainable_sh, frozen_sh, state_sh,
-                  S.batch_sharding(mesh), ckpt_state_sh, cfg.mesh.context_parallel)
+                  S.batch_sharding(mesh), ckpt_state_sh, cfg.mesh.context_parallel,
+                  cfg.lora.double_quant if spec_lora is not None and cfg.lora.quantize_base == "nf4" else None)
 
 
 def unstack_shardings(tree, n: int):
@@ -282,6 +292,9 @@ def check_run_config(cfg, config: ModelConfig, n_devices: int | None = None, n_p
     if cfg.fp8.enabled and cfg.fp8.store_base and not cfg.lora.enabled:
         raise UserError("fp8.store_base: storing the base weights in FP8 needs a frozen base (lora.enabled: true); "
                         "full fine-tuning keeps high-precision master weights")
+    if cfg.lora.quantize_base != "none" and (not cfg.lora.enabled or cfg.fp8.enabled):
+        raise UserError(f"lora.quantize_base: {cfg.lora.quantize_base} stores the frozen LoRA base quantised; it "
+                        f"needs lora.enabled: true and fp8.enabled: false")
     if cfg.fp8.distill and not cfg.fp8.enabled:
         raise UserError("fp8.distill: distillation trains the FP8 model towards the unquantised one; it needs "
                         "fp8.enabled: true")
@@ -307,7 +320,7 @@ def check_run_config(cfg, config: ModelConfig, n_devices: int | None = None, n_p
 # something else (other shapes, data order, batches, numerics of the saved FP8 scales). Everything
 # else may change on resume: train.steps may grow, cadences, lr schedule, mesh, remat, scan_unroll.
 RESUME_KEYS = ("model.checkpoint", "model.preset", "model.param_dtype", "lora.enabled", "lora.rank", "lora.alpha",
-               "lora.targets", "train.batch_size", "train.micro_batch_size", "train.seq_len", "train.seed",
+               "lora.targets", "lora.quantize_base", "lora.double_quant", "train.batch_size", "train.micro_batch_size", "train.seq_len", "train.seed",
                "data.train", "data.tokenizer", "fp8", "train.objective")
 
 
@@ -343,13 +356,26 @@ def check_resume(saved: dict | None, cfg, where: str) -> None:
                         f"(keep the values it was trained with, or use a new output_dir)")
 
 
+def restore_nf4(path, layout: Layout, dtype: str | None) -> dict:
+    """The LoRA base from a checkpoint with its targeted kernels quantised to NF4 while streaming."""
+    from nemo_jax.checkpoint import layout as CL, open_checkpoint
+
+    source = open_checkpoint(path)
+    targets_abs = _with_shardings(source.abstract(dtype), layout.param_sh)
+    stacked_sh = S.tree_shardings(
+        NF4.logical_axes(M.logical_axes(layout.config)["params"], layout.lora.targets, layout.nf4_double_quant),
+        NF4.abstract_params(targets_abs, layout.lora.targets, layout.nf4_double_quant), layout.mesh)
+    return NF4.restore_quantized(source, CL.LEAVES, targets_abs, stacked_sh, layout.lora.targets,
+                                 layout.nf4_double_quant)
+
+
 def init_arrays(layout: Layout, seed: int, base: dict | None):
     """(state, frozen) on the mesh: base params initialised from `seed` (from scratch) or given."""
     config = layout.config
     base_rng, lora_rng = jax.random.split(jax.random.key(seed))
     if base is None:
         base = jax.jit(lambda r: M.init_params(config, r)["params"], out_shardings=layout.param_sh)(base_rng)
-    else:
+    elif layout.nf4_double_quant is None:  # (an NF4 base comes placed, from restore_nf4)
         base = jax.device_put(base, layout.param_sh)
     fp8_state = layout.init_fp8()
     if layout.fp8 is not None and layout.fp8.base_fp8:
@@ -357,6 +383,11 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
         base, fp8_state = jax.jit(functools.partial(F8.quantize_base, spec=layout.fp8), donate_argnums=(0,),
                                   out_shardings=(layout.param_sh, jax.tree.map(lambda _: rep, fp8_state)))(
                                       base, fp8_state)
+    t0 = layout.lora.targets[0] if layout.lora is not None else None
+    if layout.nf4_double_quant is not None and not NF4.is_quantized(base["layers"][NF4.BLOCK_OF[t0]][t0]):
+        base = jax.jit(functools.partial(NF4.quantize_params, targets=layout.lora.targets,
+                                         double_quant=layout.nf4_double_quant),
+                       out_shardings=layout.frozen_sh if not layout.unstacked else None)(base)
     if layout.lora is not None:
         trainable = jax.device_put(lora_lib.init_lora(config, layout.lora, lora_rng), layout.trainable_sh)
         frozen = base
@@ -389,7 +420,10 @@ def train(cfg) -> Path:
     if cfg.model.checkpoint:  # read straight into the target shardings: no full replica anywhere
         from nemo_jax.checkpoint import restore
 
-        _, base = restore(cfg.model.checkpoint, layout.param_sh, dtype=cfg.model.param_dtype)
+        if layout.nf4_double_quant is not None:  # quantised leaf by leaf as it streams in (nf4.py)
+            base = restore_nf4(cfg.model.checkpoint, layout, cfg.model.param_dtype)
+        else:
+            _, base = restore(cfg.model.checkpoint, layout.param_sh, dtype=cfg.model.param_dtype)
     spec_lora, state_sh, batch_sh = layout.lora, layout.state_sh, layout.batch_sh
     state, frozen = init_arrays(layout, tc.seed, base)
     del base
