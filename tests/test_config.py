@@ -109,7 +109,7 @@ CASES = {
     "unknown top key": (BASE + "trian:\n  steps: 3\n", "c.yaml:13: unknown key trian — did you mean train?"),
     "unknown, no suggestion": (BASE + "lora:\n  zzzz: 1\n",
                                "c.yaml:14: unknown key lora.zzzz (expected one of enabled, rank, alpha, dropout, "
-                               "targets)"),
+                               "targets, quantize_base, double_quant)"),
     "wrong type": (BASE.replace("lr: 1.0e-3", "lr: fast"), "c.yaml:12: train.lr: expected float, got 'fast'"),
     "bool is not int": (BASE.replace("steps: 10", "steps: true"), "c.yaml:9: train.steps: expected int, got true"),
     "bool is not float": (BASE + "  weight_decay: no\n", "c.yaml:13: train.weight_decay: expected float, got false"),

@@ -124,3 +124,20 @@ def test_cpu_keeps_its_own_kernels():
     hlo = jax.jit(lambda q, k, v: attention(q, k, v)).lower(q, kv, kv).compile().as_text()
     assert "cudnn" not in hlo
     np.testing.assert_equal(aot.square_buffers(hlo, 2048), set())
+
+
+def test_qlora_fits_the_readme_bound_without_a_full_precision_base():
+    """configs/qlora.yaml (NF4 base, seq 4096): within the README's 16 GiB, and no stacked kernel
+    in the compute dtype anywhere in the program (each layer's is dequantised inside the scan)."""
+    step = compiled("qlora")
+    mem = step.compiled.memory_analysis()
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+    assert peak / GiB <= 16.0, f"qlora: {peak / GiB:.2f} GiB per H100"
+    c = step.layout.config
+    D, F, N, K, H, L = c.dim, c.hidden_dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_layers
+    stacked = [(D, N, H), (D, K, H), (N, H, D), (D, F), (F, D), (D, N * H), (D, K * H), (N * H, D)]
+    shapes = {f"bf16[{L},{','.join(map(str, s))}]" for s in stacked}
+    found = {s for s in shapes if s in step.hlo}
+    assert not found, f"full-precision stacked kernels in the QLoRA program: {found}"
+    assert "u8[40," in step.hlo  # the NF4 codes are what the step takes
