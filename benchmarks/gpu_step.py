@@ -13,7 +13,10 @@ and the compiled program's properties on the real compiler.
 2. Packed-document isolation on the real kernel: cuDNN's packed layout against the fp32 blockwise
    reference on GQA rows of three documents (value and gradients), and documents do not see each
    other (perturbing one document's keys/values leaves the others' outputs bit-identical).
-3. The compiled programs: cuDNN fMHA calls, FP8 GEMMs (`__cublas$lt$matmul$f8`) and [T, T] buffers,
+3. The contracts of the fused ring attention's per-hop cuDNN calls (context parallelism), against
+   their plain-JAX emulation (`ring_contracts`): prefix forward with log-sum-exp, its backward given
+   them, and the packed call on a table that leaves runs out.
+4. The compiled programs: cuDNN fMHA calls, FP8 GEMMs (`__cublas$lt$matmul$f8`) and [T, T] buffers,
    read from the optimized HLO the real compiler produced (autotuning on).
 
 Needs only jax/flax/optax (no datasets, no tokenizer): batches are synthetic. Writes gpu_step.json
@@ -183,6 +186,53 @@ def isolation(mesh, smoke: bool) -> dict:
     return {"kernel": kind, "max_rel_error": errors, "documents_isolated": isolated}
 
 
+def ring_contracts(smoke: bool) -> dict:
+    """The contracts the fused ring attention rests on (nemo_jax/cudnn.py; the ring itself is tested
+    on 8 CPU devices against them): cuDNN's prefix calls (output and log-sum-exp, and the backward
+    given them) and its packed call on a table that leaves runs out, against cudnn.Emulated in fp32,
+    on the rows the contracts define."""
+    from nemo_jax import cudnn
+
+    kern = cudnn.Emulated if smoke else cudnn
+    B, T, N, K, H = 2, 1024, 8, 2, (32 if smoke else 128)
+    rng = np.random.default_rng(2)
+    q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, n, H)), jnp.bfloat16) for n in (N, K, K, N))
+    f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+    q_len, kv_len = jnp.array([1000, 37], jnp.int32), jnp.array([611, 1024], jnp.int32)
+    rows_q = (jnp.arange(T)[None, :] < q_len[:, None])[:, :, None, None]
+    rows_k = (jnp.arange(T)[None, :] < kv_len[:, None])[:, :, None, None]
+    rel = lambda a, b, rows: float(jnp.max(jnp.where(rows, jnp.abs(a.astype(jnp.float32) - b), 0))
+                                   / jnp.max(jnp.where(rows, jnp.abs(b), 0)))
+    errors = {}
+    for causal in (True, False):
+        ql, kl = (q_len, q_len) if causal else (q_len, kv_len)
+        rk = rows_q if causal else rows_k
+        out, lse = jax.jit(kern.prefix_forward, static_argnums=5)(q, k, v, ql, kl, causal)
+        ref, ref_lse = cudnn.Emulated.prefix_forward(*f32(q, k, v), ql, kl, causal)
+        grads = jax.jit(kern.prefix_backward, static_argnums=8)(q, k, v, ref.astype(jnp.bfloat16), ref_lse, do,
+                                                                ql, kl, causal)
+        ref_grads = cudnn.Emulated.prefix_backward(*f32(q, k, v), ref, ref_lse, do.astype(jnp.float32), ql, kl,
+                                                   causal)
+        name = "causal" if causal else "rectangle"
+        errors[f"{name}_out"] = rel(out, ref, rows_q)
+        errors[f"{name}_lse_abs"] = float(jnp.max(jnp.where(rows_q[:, :, :, 0].transpose(0, 2, 1),
+                                                            jnp.abs(lse - ref_lse), 0)))
+        for g, a, b, rows in zip(("dq", "dk", "dv"), grads, ref_grads, (rows_q, rk, rk)):
+            errors[f"{name}_{g}"] = rel(a, b, rows)
+    seg = np.ones((B, T), np.int32)
+    seg[0, 300:], seg[0, 800:] = 2, 3
+    seg = jnp.asarray(seg)
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    covered = jnp.arange(T)[None, :] >= jnp.array([[300], [0]])  # row 0 leaves its first run out
+    lengths, offsets, _ = cudnn.run_table(starts, covered, cudnn.MAX_RUNS)
+    out = jax.jit(kern.packed_table, static_argnums=5)(q, k, v, lengths, offsets, True)
+    ref = cudnn.Emulated.packed_table(*f32(q, k, v), lengths, offsets, True)
+    errors["packed_table_out"] = rel(out, ref, covered[:, :, None, None])
+    # bf16 inputs against fp32: ~1e-2 is rounding; a wrong layout or convention is O(1) (or NaN)
+    ok = all(e < 5e-2 for e in errors.values())
+    return {"kernel": "emulated" if smoke else "cudnn", "max_rel_error": errors, "ok": ok}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq", type=int, default=8192)
@@ -198,6 +248,8 @@ def main():
     budget = int(0.9 * (aot.device_memory("h200" if "H200" in dev.device_kind else "h100")))
     result = {"device": dev.device_kind, "jax": jax.__version__, "isolation": isolation(mesh, args.smoke), "runs": []}
     print(json.dumps(result["isolation"]), flush=True)
+    result["ring_contracts"] = ring_contracts(args.smoke)
+    print(json.dumps(result["ring_contracts"]), flush=True)
     for lora in (True, False):
         layers = fitting_layers(lora, False, T, mesh, args.smoke, budget)
         for fp8 in (False, True):

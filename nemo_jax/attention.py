@@ -28,18 +28,9 @@ Three implementations compute the same thing:
   depend on T. GQA is native: q is viewed as [B, T, K, G = N/K, H] and k/v are never repeated.
 
 * "cudnn": cuDNN's fused flash attention (GPU, bf16/fp16, Hopper or later) in its *packed*
-  layout, which takes the documents of each row natively: per row, a table of the contiguous runs
-  of equal segment ids (offsets and lengths, `segment_table`), and a causal mask within each run.
-  No [T, T] mask or bias exists anywhere, forward or backward. The table has a fixed size
-  (config.MAX_DOCUMENTS_PER_ROW documents + the padding run), which the data packer respects; a
-  row with more runs than that comes out as NaN rather than silently attending across documents.
-  jax's public `dot_product_attention(implementation="cudnn")` cannot express packed documents
-  except through a dense mask that becomes an O(T²) bias (and a bias gradient): its
-  `query_seq_lengths` describe one valid prefix per row, so using them (or `is_causal` alone) on
-  packed rows would let documents see each other (MaxText's cudnn_flash_jax ignores segment ids
-  this way, maxtext issue #4476). Two fixes to jax 0.10.2's wrapper are applied here, see
-  `_cudnn_wrapper`: its GQA key offsets (jax PR #39521), and its compute-capability guard, which
-  asks the local GPU and so refuses a deviceless (AOT) compile for an H100.
+  layout, which takes the documents of each row natively (nemo_jax/cudnn.py): no [T, T] mask or
+  bias exists anywhere, forward or backward. It is run per device under `shard_map`
+  (`_per_device`).
 
 `implementation="auto"` picks from the per-device shapes of the program being built
 (backend.platform(): a deviceless H100 compile counts as a GPU): "cudnn" on a GPU whenever it
@@ -56,14 +47,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from nemo_jax import context_parallel
-from nemo_jax.backend import platform
-from nemo_jax.config import MAX_DOCUMENTS_PER_ROW
+from nemo_jax import context_parallel, cudnn
 
 Implementation = Literal["auto", "xla", "blockwise", "cudnn"]
 
 XLA_MAX_SCORES = 1024 * 1024  # "auto" uses the dense path up to T·T of this; on CPU blockwise wins from T ~ 1024
-MAX_RUNS = MAX_DOCUMENTS_PER_ROW + 1  # entries of the cuDNN packed layout's table: the documents and the padding
 
 # Masked scores enter the running max as this, not -inf: a row that has seen only masked keys
 # keeps a finite max, so exp(m_old - m_new) is never exp(-inf + inf) = NaN.
@@ -84,28 +72,11 @@ def resolve_implementation(implementation: Implementation, batch: int, length: i
     """The kernel "auto" runs for these per-device shapes on the backend being built for."""
     if implementation != "auto":
         return implementation
-    if cudnn_applies(head_dim, dtype):
+    if cudnn.applies(head_dim, dtype):
         return "cudnn"
     if length * length <= XLA_MAX_SCORES:
         return "xla"
     return "blockwise"
-
-
-def cudnn_applies(head_dim: int, dtype) -> bool:
-    """cuDNN's packed flash attention: a Hopper-or-later GPU, half precision, head_dim <= 256."""
-    if platform() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-        return False
-    return head_dim % 8 == 0 and head_dim <= 256 and _compute_capability() >= (9, 0)
-
-
-def _compute_capability() -> tuple[int, ...]:
-    """Of the GPU the program is built for: the traced mesh's devices (a deviceless compile has no
-    local GPU), else the local one."""
-    from nemo_jax.sharding import active_mesh
-
-    mesh = active_mesh()
-    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-    return tuple(int(x) for x in str(getattr(device, "compute_capability", "0.0")).split("."))
 
 
 def attention(q, k, v, segment_ids=None, *, causal: bool = True, implementation: Implementation = "auto",
@@ -128,29 +99,11 @@ def attention(q, k, v, segment_ids=None, *, causal: bool = True, implementation:
     if kind == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids, causal))
     if kind == "cudnn":
-        return _per_device(functools.partial(_cudnn_packed, causal=causal), q, k, v, segment_ids)
+        return _per_device(functools.partial(cudnn.packed, causal=causal), q, k, v, segment_ids)
     if kind == "blockwise":
         return _blockwise(q, k, v, segment_ids, causal, min(block_q, T), min(block_kv, T))
     raise ValueError(f"attention: unknown implementation {implementation!r}; "
                      "expected 'auto', 'xla', 'blockwise' or 'cudnn'")
-
-
-def segment_table(segment_ids, max_runs: int = MAX_RUNS):
-    """cuDNN's packed layout of rows of contiguous segments: (lengths [B, M], offsets [B, M + 1]).
-
-    Entry j of a row is its j-th run of equal segment ids (a document, or the padding at the end):
-    its length and its first index; unused entries are -1, as jax's wrapper expects. Runs beyond
-    `max_runs` are not in the table (`attention` turns their rows into NaN).
-    """
-    B, T = segment_ids.shape
-    starts = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    run = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1  # [B, T]: the run each token is in
-    n_runs = run[:, -1] + 1
-    lengths = jnp.sum(run[:, :, None] == jnp.arange(max_runs, dtype=jnp.int32), axis=1, dtype=jnp.int32)
-    offsets = jnp.cumsum(lengths, axis=1, dtype=jnp.int32) - lengths
-    used = jnp.arange(max_runs) < n_runs[:, None]
-    lengths, offsets = jnp.where(used, lengths, -1), jnp.where(used, offsets, -1)
-    return lengths, jnp.pad(offsets, ((0, 0), (0, 1)), constant_values=-1), n_runs
 
 
 def _per_device(kernel, q, k, v, segment_ids):
@@ -173,65 +126,6 @@ def _per_device(kernel, q, k, v, segment_ids):
     spec = P(rows[0], None, heads[0], None)  # q, k, v and the output: [B, T, heads, H]
     return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(rows[0], None)),
                          out_specs=spec, check_vma=False)(q, k, v, segment_ids)
-
-
-def _cudnn_packed(q, k, v, segment_ids, causal):
-    fa = _cudnn_wrapper()
-    lengths, offsets, n_runs = segment_table(segment_ids.astype(jnp.int32))
-    mask = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
-    out = fa.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                                   kv_offsets=offsets, scale=q.shape[-1] ** -0.5, mask_type=mask)
-    # A row whose documents overflow the table would have tokens outside every run: NaN, not wrong.
-    return jnp.where((n_runs <= MAX_RUNS)[:, None, None, None], out, jnp.nan).astype(q.dtype)
-
-
-@functools.cache
-def _cudnn_wrapper():
-    """jax 0.10.2's cuDNN wrapper module, mended once (its checks also run later, while jax
-    differentiates and rematerialises the traced step, so the fixes stay in place):
-
-    * `_fix_seqlen_offsets` turns per-row token offsets into element offsets with the *query's*
-      per-token stride N·H for the keys too; under GQA the keys' stride is K·H, so the key offsets
-      point N/K times too far and attention silently reads other tokens' keys (jax PR #39521, found
-      with MaxText on a 32/8-head model). Replaced by the same function with the keys' stride,
-      where the installed jax still has the bug (probed, not assumed from the version).
-    * `check_compute_capability` asks the *local* GPU; a deviceless compile has none, so it would
-      refuse the packed layout ("requires Hopper"). While a mesh is being traced for, it is
-      answered for that mesh's devices; otherwise jax's own check runs.
-    """
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
-    if _offsets_use_query_stride(fa):
-        fa._fix_seqlen_offsets = functools.partial(_fixed_seqlen_offsets, fa._fix_seqlen_offsets)
-    local_check = fa.check_compute_capability
-
-    def check_compute_capability(capability: str) -> bool:
-        from nemo_jax.sharding import active_mesh
-
-        if active_mesh() is None:
-            return local_check(capability)
-        return _compute_capability() >= tuple(int(x) for x in capability.split("."))
-
-    fa.check_compute_capability = check_compute_capability
-    return fa
-
-
-def _offsets_use_query_stride(fa) -> bool:
-    """Whether the installed jax scales the key offsets by the query's stride (the GQA bug)."""
-    with jax.ensure_compile_time_eval():  # called while tracing: compute, do not stage
-        q, k = jnp.zeros((1, 4, 4, 8)), jnp.zeros((1, 4, 1, 8))  # 4 query heads, 1 kv head
-        seq, off = jnp.array([[2, 2]], jnp.int32), jnp.array([[0, 2, -1]], jnp.int32)
-        kv_off = fa._fix_seqlen_offsets(seq, seq, off, off, q, k)[3]
-        return int(kv_off[0, 1]) == 2 * 4 * 8  # 2 tokens x N x H; the keys' stride gives 2 x K x H
-
-
-def _fixed_seqlen_offsets(original, q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
-    """jax's own conversion, with the key offsets rescaled from the query's stride to the keys'."""
-    q_seqlen, kv_seqlen, q_offsets, kv_offsets = original(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key)
-    N, K = query.shape[2], key.shape[2]
-    if q_offsets.ndim == 2 and q_offsets.shape[1] > 2 and N != K:  # converted: element offsets, N·H apart
-        kv_offsets = jnp.where(kv_offsets >= 0, kv_offsets // N * K, kv_offsets)
-    return q_seqlen, kv_seqlen, q_offsets, kv_offsets
 
 
 def _blockwise(q, k, v, segment_ids, causal, block_q, block_kv):

@@ -41,9 +41,16 @@ gathering every device's contribution, then take one last hop home. Autodiff thr
 would keep every hop's carry (n copies of the fp32 [T / n, N, H] accumulator) and the per-block
 scores for the backward, which is exactly the memory context parallelism is meant to remove.
 
-Per-hop kernel: blockwise in plain JAX on every backend (lax loops, blocks that cannot meet,
-by segment range or causality, skipped by `lax.cond`). On a GPU the per-hop compute should be a
-fused attention kernel that returns the log-sum-exp (cuDNN), which is not wired here.
+Per-hop kernel. On a GPU where cuDNN's flash attention applies (Hopper or later, bf16/fp16) each
+hop runs on it (`_fused_ring`, below): a fused kernel takes no per-token mask, so the hop's work is
+cut into a packed causal call for what stays within a chunk and prefix-against-prefix calls, with
+their log-sum-exp, for the documents that span chunks; their backward is the same reverse ring,
+each call's backward given the final output and log-sum-exp. Ulysses on a GPU runs cuDNN's packed
+kernel over the full length. Elsewhere (CPU, fp32) the per-hop kernel is blockwise attention in
+plain JAX (lax loops, blocks that cannot meet, by segment range or causality, skipped by
+`lax.cond`). Both are tested on 8 CPU devices against one device; the fused one on cuDNN's
+contracts emulated in plain JAX (cudnn.Emulated), which benchmarks/gpu_step.py holds cuDNN to on a
+real GPU.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from nemo_jax import cudnn
 from nemo_jax import sharding as S
 from nemo_jax.errors import UserError
 
@@ -172,12 +180,18 @@ def attention(q, k, v, segment_ids, *, causal: bool = True):
         raise UserError(f"mesh.context_parallel: ulysses splits the {K // heads_split} kv heads of a device over "
                         f"mesh.sequence = {n}, which does not divide them; use ring")
 
+    fused = _hop_kernels(H, q.dtype) if causal else None
+
     def local(q, k, v, seg):
         b, t, nl, _ = q.shape
         kl = k.shape[2]
+        seg = lax.all_gather(seg, axis, axis=1, tiled=True)  # every shard's segment ids [B, T]: 4 bytes a token
+        if fused is not None and strategy == "ring":
+            return _fused_ring(q, k, v, seg, axis, n, zigzag, fused)
+        if fused is not None:
+            return _fused_ulysses(q, k, v, seg, axis, n, zigzag, fused)
         q = q.reshape(b, t, kl, nl // kl, H)
         idx = layout_indices(T, n, zigzag)
-        seg = lax.all_gather(seg, axis, axis=1, tiled=True)  # every shard's segment ids [B, T]: 4 bytes a token
         block = _block_size(T // (2 * n) if zigzag else T // n)
         if strategy == "ring":
             out = _ring(q, k, v, seg, idx, axis, n, causal, block)
@@ -402,3 +416,243 @@ def _backward_hop(q, q_seg, q_idx, k, v, kv_seg, kv_idx, lse, delta, d_out, dq, 
 
     dq, dkv = lax.scan(key_block, dq, jnp.arange(Tk // block))  # dkv [nk, 2, B, bk, K, H]
     return dq, dkv.transpose(1, 2, 0, 3, 4, 5).reshape(2, B, Tk, K, H)
+
+
+# --- the ring on a fused GPU kernel (cuDNN) --------------------------------------------------------
+#
+# A fused kernel takes no per-token mask, so each hop's work is cut into pieces it can express.
+# Documents are contiguous runs of one segment id, so a query of a chunk (a zigzag chunk, or a
+# shard's whole block in the contiguous layout) can see a key of an EARLIER chunk only when both
+# lie in one document that spans the gap: the query is in its chunk's first run, the key in the
+# other chunk's last run. Every such pair is visible. So:
+#
+# * every token outside its chunk's first run attends only within its own chunk: one packed,
+#   causal call per device (cudnn.packed_table) on a table of the local runs without the chunks'
+#   first runs, differentiated by jax's own rule;
+# * each chunk's first run (a prefix of the chunk) gathers the rest: itself, causally (a prefix
+#   call), and one rectangle per earlier chunk whose last run is the same document (a prefix call
+#   on the key chunk reversed, so that its last run is a prefix). The rectangles' partial results
+#   merge by their log-sum-exp, round the same ring as the blockwise kernel's (`_fused_prefix`, a
+#   custom VJP whose backward is the reverse ring, each piece's backward given the final output
+#   and log-sum-exp).
+#
+# With one long document the first runs are the whole chunks and every hop is two dense
+# [c, c] rectangles, the balanced zigzag ring; with many short ones most of the work is the local
+# packed call and the hops carry little. Both kinds of call get lengths >= 1: an empty piece is
+# skipped by a `lax.cond` (no row of the batch has it), or masked per row.
+
+_NEG = -1e30  # "no contribution yet" as a log-sum-exp: finite, so merging two of them is not NaN
+
+
+def _hop_kernels(head_dim: int, dtype):
+    """The fused per-hop kernels where they apply (a Hopper GPU, half precision), else None (the
+    blockwise kernel). A module or namespace with cudnn's packed_table, packed, prefix_forward and
+    prefix_backward."""
+    return cudnn if cudnn.applies(head_dim, dtype) else None
+
+
+def _chunk_order(n: int, zigzag: bool) -> np.ndarray:
+    """int [n C]: the original position (in chunks) of each chunk of the layout."""
+    return zigzag_order(2 * n, n) if zigzag else np.arange(n)
+
+
+def _chunk_runs(seg, chunks: int):
+    """Per chunk of the layout ([B, chunks] each): the segment id and length of its first run and of
+    its last run."""
+    B = seg.shape[0]
+    x = seg.reshape(B, chunks, -1)
+    c = x.shape[-1]
+    first, last = x[..., 0], x[..., -1]
+    differs = x != first[..., None]
+    first_len = jnp.where(differs.any(-1), jnp.argmax(differs, -1), c).astype(jnp.int32)
+    differs = x[..., ::-1] != last[..., None]
+    last_len = jnp.where(differs.any(-1), jnp.argmax(differs, -1), c).astype(jnp.int32)
+    return first, first_len, last, last_len
+
+
+@jax.custom_vjp
+def _keep_grad(x, keep):
+    """x, with its cotangent zeroed on the tokens (axis 1) where bool [B, T] `keep` is false: the
+    packed kernel's gradient there is for tokens it did not compute."""
+    return x
+
+
+def _keep_grad_fwd(x, keep):
+    return x, keep
+
+
+def _keep_grad_bwd(keep, g):
+    return jnp.where(keep[:, :, None, None], g, 0), None
+
+
+_keep_grad.defvjp(_keep_grad_fwd, _keep_grad_bwd)
+
+
+def _fused_ring(q, k, v, seg, axis, n, zigzag, kern):
+    """Per device: q [B, Tl, N, H], k/v [B, Tl, K, H] of this shard, seg [B, n Tl] every shard's
+    segment ids (layout order) -> [B, Tl, N, H], causal attention over all n shards."""
+    B, Tl, N, H = q.shape
+    C = 2 if zigzag else 1
+    c = Tl // C
+    shard = lax.axis_index(axis)
+    local_seg = lax.dynamic_slice_in_dim(seg, shard * Tl, Tl, 1)
+    runs = _chunk_runs(seg, n * C)
+    first_len = lax.dynamic_slice_in_dim(runs[1], shard * C, C, 1)  # [B, C]: this shard's chunks
+    in_chunk = jnp.arange(Tl) % c
+    prefix = in_chunk[None, :] < jnp.repeat(first_len, c, axis=1)  # [B, Tl]: tokens in a first run
+
+    # the rest: one packed causal call on the local runs other than the chunks' first ones
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), local_seg[:, 1:] != local_seg[:, :-1]], axis=1)
+    starts |= (in_chunk == 0)[None, :]
+    lengths, offsets, kept = cudnn.run_table(starts, ~prefix, cudnn.MAX_RUNS + C)
+
+    def rest(q, k, v):
+        q, k, v = (_keep_grad(x, ~prefix) for x in (q, k, v))
+        out = kern.packed_table(q, k, v, lengths, offsets, True)
+        return jnp.where((kept <= cudnn.MAX_RUNS + C)[:, None, None, None], out, jnp.nan).astype(q.dtype)
+
+    rest_out = lax.cond((lengths > 0).any(), rest, lambda q, k, v: jnp.zeros_like(q), q, k, v)
+    first_out = _fused_prefix(q, k, v, runs, axis, n, zigzag, kern)
+    return jnp.where(prefix[:, :, None, None], first_out, rest_out)
+
+
+def _pieces(runs, order, shard, src, own: bool, C: int):
+    """The pieces of one hop: for local query chunk a and chunk b of shard `src`'s block, a tuple
+    (a, b, causal, run, q_len [B], kv_len [B], rows [B]) where `run` says whether any row has it."""
+    first, first_len, last, last_len = runs
+    out = []
+    for a in range(C):
+        gq = shard * C + a
+        for b in range(C):
+            gk = src * C + b
+            if own and a == b:  # the first run against itself, causally
+                ln = first_len[:, gq]
+                out.append((a, b, True, jnp.asarray(True), ln, ln, jnp.ones_like(ln, bool)))
+                continue
+            rows = (first[:, gq] == last[:, gk]) & (jnp.asarray(order)[gk] < jnp.asarray(order)[gq])
+            out.append((a, b, False, rows.any(), first_len[:, gq], last_len[:, gk], rows))
+    return out
+
+
+def _key_chunk(x, b, c, causal):
+    """Chunk b of a key/value block; a rectangle's reversed, so that its last run is a prefix."""
+    x = x[:, b * c:(b + 1) * c]
+    return x if causal else x[:, ::-1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused_prefix(q, k, v, runs, axis, n, zigzag, kern):
+    """Attention of each local chunk's first run over every shard (rows outside it are 0)."""
+    return _fused_prefix_forward(q, k, v, runs, axis, n, zigzag, kern)[0]
+
+
+def _fused_prefix_forward(q, k, v, runs, axis, n, zigzag, kern):
+    B, Tl, N, H = q.shape
+    C = 2 if zigzag else 1
+    c = Tl // C
+    order = _chunk_order(n, zigzag)
+    shard = lax.axis_index(axis)
+    q_chunks = [q[:, a * c:(a + 1) * c] for a in range(C)]
+
+    def fold(src, own, kv, state):
+        state = list(state)
+        for a, b, causal, run, q_len, kv_len, rows in _pieces(runs, order, shard, src, own, C):
+            kb, vb = _key_chunk(kv[0], b, c, causal), _key_chunk(kv[1], b, c, causal)
+
+            def merge(st, q_len=q_len, kv_len=kv_len, rows=rows, kb=kb, vb=vb, a=a, causal=causal):
+                acc, lse = st
+                o, l = kern.prefix_forward(q_chunks[a], kb, vb, jnp.maximum(q_len, 1), jnp.maximum(kv_len, 1),
+                                           causal)
+                live = rows[:, None] & (jnp.arange(c)[None, :] < q_len[:, None])  # [B, c]
+                l = jnp.where(live[:, None, :], l, _NEG)
+                new = jnp.logaddexp(lse, l)
+                w_old = jnp.exp(lse - new).transpose(0, 2, 1)[..., None]
+                w_new = jnp.exp(l - new).transpose(0, 2, 1)[..., None]
+                o = jnp.where(live[:, :, None, None], o.astype(jnp.float32), 0.0)
+                return acc * w_old + o * w_new, new
+
+            state[a] = lax.cond(run, merge, lambda st: st, state[a])
+        return tuple(state)
+
+    state = tuple((jnp.zeros((B, c, N, H), jnp.float32), jnp.full((B, N, c), _NEG, jnp.float32))
+                  for _ in range(C))
+    kv = jnp.stack([k, v])
+    nxt = _shift(kv, axis, n)  # issued before the own block's compute: overlapped
+    state = fold(shard, True, kv, state)
+
+    def body(h, carry):
+        kv, state = carry
+        nxt = _shift(kv, axis, n)
+        return nxt, fold((shard - h) % n, False, kv, state)
+
+    kv_last, state = lax.fori_loop(1, n - 1, body, (nxt, state))
+    state = fold((shard - (n - 1)) % n, False, kv_last, state)
+    out = jnp.concatenate([acc for acc, _ in state], axis=1).astype(q.dtype)
+    lse = tuple(l for _, l in state)
+    return out, (q, jnp.stack([k, v]), runs, out, lse)
+
+
+def _fused_prefix_backward(axis, n, zigzag, kern, residuals, d_out):
+    q, kv, runs, out, lse = residuals
+    B, Tl, N, H = q.shape
+    C = 2 if zigzag else 1
+    c = Tl // C
+    order = _chunk_order(n, zigzag)
+    shard = lax.axis_index(axis)
+    chunk = lambda x, a: x[:, a * c:(a + 1) * c]
+    q_chunks, o_chunks, do_chunks = ([chunk(x, a) for a in range(C)] for x in (q, out, d_out))
+
+    def hop(src, own, kv, dq):
+        dq, dkv = list(dq), [[jnp.zeros((B, c) + kv.shape[3:], jnp.float32) for _ in range(C)] for _ in range(2)]
+        for a, b, causal, run, q_len, kv_len, rows in _pieces(runs, order, shard, src, own, C):
+            kb, vb = _key_chunk(kv[0], b, c, causal), _key_chunk(kv[1], b, c, causal)
+
+            def grads(q_len=q_len, kv_len=kv_len, rows=rows, kb=kb, vb=vb, a=a, causal=causal):
+                gq, gk, gv = kern.prefix_backward(q_chunks[a], kb, vb, o_chunks[a], lse[a], do_chunks[a],
+                                                  jnp.maximum(q_len, 1), jnp.maximum(kv_len, 1), causal)
+                live_q = rows[:, None] & (jnp.arange(c)[None, :] < q_len[:, None])
+                live_k = rows[:, None] & (jnp.arange(c)[None, :] < kv_len[:, None])
+                keep = lambda g, live: jnp.where(live[:, :, None, None], g.astype(jnp.float32), 0.0)
+                gk, gv = keep(gk, live_k), keep(gv, live_k)
+                if not causal:  # back from the reversed chunk
+                    gk, gv = gk[:, ::-1], gv[:, ::-1]
+                return keep(gq, live_q), gk, gv
+
+            zeros = lambda: (jnp.zeros(q_chunks[a].shape, jnp.float32),) + (jnp.zeros(kb.shape, jnp.float32),) * 2
+            gq, gk, gv = lax.cond(run, grads, zeros)
+            dq[a] = dq[a] + gq
+            dkv[0][b], dkv[1][b] = dkv[0][b] + gk, dkv[1][b] + gv
+        return tuple(dq), jnp.stack([jnp.concatenate(d, axis=1) for d in dkv])
+
+    send = lambda x: _shift(x, axis, n)
+    dq = tuple(jnp.zeros(x.shape, jnp.float32) for x in q_chunks)
+    nxt = send(kv)
+    dq, dkv = hop(shard, True, kv, dq)  # the own block: no sums to receive yet
+
+    def body(h, carry):
+        kv, dkv, dq = carry
+        nxt, arrived = send(kv), send(dkv)
+        dq, mine = hop((shard - h) % n, False, kv, dq)
+        return nxt, arrived + mine, dq
+
+    kv, dkv, dq = lax.fori_loop(1, n - 1, body, (nxt, dkv, dq))
+    arrived = send(dkv)
+    dq, mine = hop((shard - (n - 1)) % n, False, kv, dq)
+    dkv = send(arrived + mine)  # each block's finished sums go home
+    dq = jnp.concatenate(dq, axis=1)
+    return dq.astype(q.dtype), dkv[0].astype(kv.dtype), dkv[1].astype(kv.dtype), None
+
+
+_fused_prefix.defvjp(_fused_prefix_forward, _fused_prefix_backward)
+
+
+def _fused_ulysses(q, k, v, seg, axis, n, zigzag, kern):
+    """Ulysses on the fused kernel: all T for a share of the heads, put back in the original order
+    (the kernel's causal mask is by position), one packed call, and back."""
+    to_length = functools.partial(lax.all_to_all, axis_name=axis, split_axis=2, concat_axis=1, tiled=True)
+    T = seg.shape[1]
+    idx = layout_indices(T, n, zigzag, xp=np)
+    inverse = np.argsort(idx)
+    q, k, v = (to_length(x)[:, inverse] for x in (q, k, v))
+    out = kern.packed(q, k, v, seg[:, inverse], True)[:, idx]
+    return lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)

@@ -146,7 +146,7 @@ def test_cudnn_honours_segments():
 def test_segment_table_literal():
     """cuDNN's packed layout: per row, the length and first index of each run of equal ids (the
     padding run too), -1 for unused entries; the run count says whether the table held them all."""
-    from nemo_jax.attention import segment_table
+    from nemo_jax.cudnn import segment_table
 
     seg = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1] * 7, [1, 2, 3, 4, 5, 6, 0]], jnp.int32)
     lengths, offsets, n_runs = segment_table(seg, max_runs=4)
@@ -160,9 +160,9 @@ def test_cudnn_key_offsets_use_the_keys_stride():
     (jax PR #39521). The mended conversion gives element offsets of the keys' own layout."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
-    from nemo_jax.attention import _cudnn_wrapper
+    from nemo_jax.cudnn import wrapper
 
-    fixed = _cudnn_wrapper()._fix_seqlen_offsets
+    fixed = wrapper()._fix_seqlen_offsets
     B, T, N, K, H = 2, 8, 4, 2, 16
     q, k = jnp.zeros((B, T, N, H)), jnp.zeros((B, T, K, H))
     lengths = jnp.array([[3, 5, -1], [8, -1, -1]], jnp.int32)

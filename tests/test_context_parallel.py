@@ -22,9 +22,13 @@ def result(tmp_path_factory):
     return run_on_8_devices("context_parallel_checks.py", tmp_path_factory.mktemp("context_parallel") / "result.json")
 
 
-@pytest.mark.parametrize("case", ["ring-seq8", "ring-fsdp2-seq4-contiguous", "ulysses-tensor2-seq4"])
+@pytest.mark.parametrize("case", ["ring-seq8", "ring-fsdp2-seq4-contiguous", "ulysses-tensor2-seq4",
+                                  "fused-ring-seq8", "fused-ring-seq8-one-document",
+                                  "fused-ring-fsdp2-seq4-contiguous", "fused-ulysses-tensor2-seq4"])
 def test_same_attention_and_gradients_as_one_device(result, case):
-    """T = 2048, packed documents across device boundaries, padding; GQA; fp32."""
+    """T = 2048, packed documents across device boundaries, padding; GQA; fp32. The fused cases run
+    the GPU decomposition (packed call + prefix pieces merged by log-sum-exp round the ring) on
+    cuDNN's contracts emulated in plain JAX, with the rows cuDNN leaves undefined set to NaN."""
     assert result["attention_max_err"][case] < 2e-5, result["attention_max_err"]
 
 
@@ -88,16 +92,21 @@ H100_T = 131072  # NeMo's longest training row; attention shapes of the 12B mode
 def test_h100_program_rings_the_keys():
     """One layer's attention, forward and backward, for 8 H100s on mesh.sequence 8: NeMo's 32 query /
     8 kv heads of 128, bf16, one 131072-token row. Its compiled GPU program passes k/v blocks
-    [1, 16384, 8, 128] round the ring and never gathers anything of full length."""
+    [1, 16384, 8, 128] round the ring, computes every hop's pieces in cuDNN, and never gathers anything
+    of full length."""
     from nemo_jax import sharding as S
 
     program, memory = h100_attention_program(S)
+    kernels = re.findall(r'custom_call_target="([^"]+)"', program)
+    # every hop's pieces are cuDNN calls (forward and backward), no plain-JAX blocks
+    assert kernels.count("__cudnn$fmhaSoftmax") >= 8 and kernels.count("__cudnn$fmhaSoftmaxBackward") >= 8, kernels
+    assert " dot(" not in program  # attention alone: any matmul outside cuDNN would be a plain-JAX block
     permuted = set(re.findall(r"= \(?(\w+\[[0-9,]*\])[^=]*? collective-permute(?:-start)?\(", program))
     assert "bf16[2,1,16384,8,128]" in permuted, permuted  # k and v stacked
     gathered = re.findall(r"= \(?(\w+\[[0-9,]*\])[^=]*? all-gather(?:-start)?\(", program)
     assert _gathers_of_length(gathered, H100_T) == [], gathered
     # per device: q/k/v/o and their gradients are 16384 tokens each; nothing [T, T] or full-length
-    assert memory.temp_size_in_bytes < 2 * 2**30, memory
+    assert memory.temp_size_in_bytes < 2.5 * 2**30, memory
 
 
 def h100_attention_program(S):

@@ -23,6 +23,7 @@ from nemo_jax import context_parallel as CP
 from nemo_jax import sharding as S
 from nemo_jax.attention import attention
 from nemo_jax.config import preset
+from nemo_jax.cudnn import Emulated
 from nemo_jax.errors import UserError
 from nemo_jax.run_config import config_from_dict
 from nemo_jax.trainer import init_arrays, make_layout
@@ -111,6 +112,41 @@ def attention_checks(result):
         result["ulysses_error"] = str(e)
 
 
+@contextlib.contextmanager
+def fused_kernels():
+    """The fused (GPU) ring, on the emulated kernels."""
+    original = CP._hop_kernels
+    CP._hop_kernels = lambda head_dim, dtype: Emulated
+    try:
+        yield
+    finally:
+        CP._hop_kernels = original
+
+
+def fused_checks(result):
+    """The fused ring and Ulysses against one device's blockwise kernel: packed rows, and one
+    document per row (every hop two full rectangles)."""
+    packed_seg, _ = packed_segments(2, T)
+    for name, shape, strategy, zigzag, N, K, H in FUSED_CASES:
+        seg = jnp.ones((2, T), jnp.int32) if name.endswith("one-document") else jnp.asarray(packed_seg)
+        q, k, v, w = attention_inputs(2, N, K, H)
+        want = jax.jit(lambda q, k, v, w: value_and_grads(
+            lambda q, k, v: attention(q, k, v, seg, implementation="blockwise"), q, k, v, w))(q, k, v, w)
+        with fused_kernels():
+            compiled, got = sharded(shape, strategy, zigzag, q, k, v, w, seg)
+        result["attention_max_err"][name] = max_err(got, want)
+        if name == "fused-ring-seq8":
+            result["collectives"]["fused-ring"] = collectives(compiled.as_text())
+
+
+FUSED_CASES = [
+    ("fused-ring-seq8", (1, 1, 1, 8), "ring", True, 8, 2, 16),
+    ("fused-ring-seq8-one-document", (1, 1, 1, 8), "ring", True, 8, 2, 16),
+    ("fused-ring-fsdp2-seq4-contiguous", (1, 2, 1, 4), "ring", False, 8, 2, 16),
+    ("fused-ulysses-tensor2-seq4", (1, 1, 2, 4), "ulysses", True, 16, 8, 8),
+]
+
+
 def collectives(hlo: str) -> dict:
     """op -> result shapes of each collective instruction in optimized HLO text."""
     out = {}
@@ -174,7 +210,7 @@ def train_checks(result):
 def main(out_path):
     assert jax.device_count() == 8, jax.devices()
     result = {"attention_max_err": {}, "collectives": {}, "losses": {}}
-    for check in (attention_checks, train_checks):
+    for check in (attention_checks, fused_checks, train_checks):
         t0, c0 = time.perf_counter(), time.process_time()
         check(result)
         result.setdefault("seconds", {})[check.__name__] = (round(time.perf_counter() - t0, 1),
