@@ -226,3 +226,71 @@ def restore_quantized(source, leaves, targets_abs: dict, quant_sh: dict, targets
             out_shardings=quant_sh["layers"][BLOCK_OF[t]][t])(kernel)
         del kernel
     return params
+
+
+def bnb_4bit_config(directory) -> dict | None:
+    """The `quantization_config` of an HF directory saved by transformers with bitsandbytes 4-bit, or None."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(directory) / "config.json"
+    q = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+    return q if q and q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit") else None
+
+
+def read_bnb_checkpoint(directory, leaves, shapes: dict, targets: tuple[str, ...], double_quant: bool) -> dict:
+    """A bitsandbytes-4bit HF checkpoint (transformers' save_pretrained) as our host param tree: the
+    targeted kernels as their NF4 tensors (a copy: our layout is bnb's, per layer flattened), the
+    other 4-bit kernels dequantised, the rest (embeddings, norms, lm_head) as stored, in float32.
+    `leaves`: checkpoint.layout.LEAVES; `shapes`: leaf path -> our stacked shape."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from nemo_jax.errors import UserError
+
+    files = {}
+    for p in sorted(Path(directory).glob("*.safetensors")):
+        f = safe_open(str(p), "numpy")
+        files.update({k: f for k in f.keys()})
+    get = lambda name: files[name].get_tensor(name)  # noqa: E731
+    target_of = {("layers", BLOCK_OF[t], t, "kernel"): t for t in BLOCK_OF}
+    out = {}
+    for leaf in leaves:
+        shape = shapes[leaf.path]
+        names = [leaf.hf.format(i=i) for i in range(shape[0])] if leaf.stacked else [leaf.hf]
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise UserError(f"{directory}: missing tensor {missing[0]!r}")
+        if f"{names[0]}.quant_state.bitsandbytes__nf4" in files:
+            per = []
+            for n in names:
+                state = json.loads(bytes(get(f"{n}.quant_state.bitsandbytes__nf4")).decode())
+                if state["quant_type"] != "nf4" or state["blocksize"] != BLOCK:
+                    raise UserError(f"{directory}: {n} is {state['quant_type']} in blocks of {state['blocksize']}; "
+                                    f"lora.quantize_base: nf4 reads NF4 in blocks of {BLOCK}")
+                q = {"codes": get(n).reshape(-1), "absmax": get(f"{n}.absmax")}
+                if "nested_offset" in state:
+                    q |= {"nested_absmax": get(f"{n}.nested_absmax"), "offset": np.float32(state["nested_offset"])}
+                per.append(q)
+            nested = "nested_absmax" in per[0]
+            t = target_of.get(leaf.path)
+            if t in targets and nested == double_quant:
+                out[leaf.path] = {k: np.stack([q[k] for q in per]) for k in per[0]}
+                continue
+            if t in targets:
+                raise UserError(f"{directory}: its NF4 scales are {'' if nested else 'not '}double-quantised; set "
+                                f"lora.double_quant: {str(nested).lower()}")
+            n_in = leaf.n_in
+            layer_shape = shape[1:]
+            I = math.prod(layer_shape[:n_in])
+            out[leaf.path] = np.stack([np.asarray(dequantize_flat({k: jnp.asarray(v) for k, v in q.items()},
+                                                                 math.prod(layer_shape), jnp.float32))
+                                       .reshape(-1, I).T.reshape(layer_shape) for q in per])
+            continue
+        ws = [get(n).astype(np.float32) for n in names]
+        if leaf.n_in:  # torch [out, in] -> our [*in, *out]
+            ws = [w.T.reshape(shape[1:] if leaf.stacked else shape) for w in ws]
+        out[leaf.path] = np.stack(ws) if leaf.stacked else ws[0]
+    return out

@@ -50,10 +50,24 @@ def model_config_for(cfg) -> ModelConfig:
         from nemo_jax.checkpoint import load_abstract
         from nemo_jax.hub import model_config  # a Hub id: config.json alone, or the built-in NeMo architecture
 
-        config = model_config(cfg.model.checkpoint) or load_abstract(cfg.model.checkpoint)[0]
+        config = model_config(cfg.model.checkpoint) or _bnb_4bit_config(cfg.model.checkpoint) or load_abstract(
+            cfg.model.checkpoint)[0]
     else:
         config = preset(cfg.model.preset)
     return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+
+
+def _bnb_4bit_config(path) -> ModelConfig | None:
+    """The architecture of a local bitsandbytes-4bit HF directory (its weights are no plain checkpoint)."""
+    import json
+    from pathlib import Path
+
+    from nemo_jax import nf4
+    from nemo_jax.config import from_hf_config
+
+    if not (Path(path).is_dir() and nf4.bnb_4bit_config(path)):
+        return None
+    return from_hf_config(json.loads((Path(path) / "config.json").read_text()))
 
 
 def planned_devices(cfg, target: str, num_processes: int | None):

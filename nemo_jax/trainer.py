@@ -359,7 +359,17 @@ def check_resume(saved: dict | None, cfg, where: str) -> None:
 def restore_nf4(path, layout: Layout, dtype: str | None) -> dict:
     """The LoRA base from a checkpoint with its targeted kernels quantised to NF4 while streaming."""
     from nemo_jax.checkpoint import layout as CL, open_checkpoint
+    from nemo_jax.hub import resolve_model
 
+    directory = resolve_model(path)
+    if NF4.bnb_4bit_config(directory) is not None:  # already NF4 (bitsandbytes-4bit): its tensors as they are
+        config, targets, dq = layout.config, layout.lora.targets, layout.nf4_double_quant
+        shapes = {leaf.path: CL.stacked_shape(leaf, config) for leaf in CL.LEAVES}
+        host = NF4.read_bnb_checkpoint(directory, CL.LEAVES, shapes, targets, dq)
+        tree = CL.nest({(p[:-1] if isinstance(v, dict) else p): v if isinstance(v, dict) else
+                        v.astype(jnp.dtype(dtype or config.param_dtype)) for p, v in host.items()})
+        axes = NF4.logical_axes(M.logical_axes(config)["params"], targets, dq)
+        return jax.device_put(tree, S.tree_shardings(axes, tree, layout.mesh))
     source = open_checkpoint(path)
     targets_abs = _with_shardings(source.abstract(dtype), layout.param_sh)
     stacked_sh = S.tree_shardings(

@@ -137,3 +137,39 @@ def test_qlora_run_trains_and_its_peft_export_loads_in_peft(base, tmp_path):
                                          tmp_path / "peft").eval()
         np.testing.assert_allclose(peft(torch.as_tensor(tokens)).logits.numpy(), ours, atol=1e-4)
     assert np.abs(ours - np.asarray(M.logits(config, q, tokens))).max() > 1e-3  # the adapters moved
+
+
+def test_bitsandbytes_4bit_checkpoint_loads_as_is(base):
+    """A checkpoint quantised and saved by transformers + bitsandbytes: its NF4 tensors become our
+    base unchanged, and our model's logits are transformers' own 4-bit model's."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from nemo_jax.trainer import make_layout, restore_nf4
+
+    tmp, path, config, params, _ = base
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config, device_map="cpu",
+                                              attn_implementation="eager").eval()
+    hf.save_pretrained(tmp / "bnb4")
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        "model.preset=null", f"model.checkpoint={tmp / 'bnb4'}", "lora.enabled=true", "lora.rank=4",
+        "lora.quantize_base=nf4", "lora.double_quant=true"])
+    from nemo_jax import sharding as S
+    from nemo_jax.plan import model_config_for
+
+    layout = make_layout(cfg, model_config_for(cfg), S.make_mesh())
+    q = restore_nf4(cfg.model.checkpoint, layout, "float32")
+    want = hf.state_dict()["model.layers.1.mlp.down_proj.weight"]
+    np.testing.assert_array_equal(np.asarray(q["layers"]["mlp"]["down"]["codes"][1]), want.numpy().reshape(-1))
+    # the reference: transformers' fp32 model on bitsandbytes' dequantisation of the 4-bit weights
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    modules = dict(hf.named_modules())
+    with torch.no_grad():
+        for name, m in plain.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                w = modules[name].weight
+                m.weight.copy_(bnb.dequantize_4bit(w.data, w.quant_state).float())
+        tokens = np.random.default_rng(2).integers(0, 1280, (2, 32))
+        theirs = plain(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(M.logits(config, q, tokens)), theirs, atol=1e-4)
