@@ -212,7 +212,7 @@ def _check_records(path: str) -> None:
         raise UserError(f"{path}: no records")
 
 
-def _tokenize_batch(batch: dict, tokenizer, columns=()) -> dict:
+def _tokenize_batch(batch: dict, tokenizer, columns=(), threads: int | None = None) -> dict:
     n = len(batch["raw"])
     ids, mask, errors = [[] for _ in range(n)], [[] for _ in range(n)], list(batch["error"])
     texts = {}
@@ -229,10 +229,15 @@ def _tokenize_batch(batch: dict, tokenizer, columns=()) -> dict:
             errors[i] = f"malformed JSON: {e.msg} (column {e.colno})"
         except UserError as e:  # the record's own problem; the file and line are added later
             errors[i] = str(e)
-    for i, doc in zip(texts, tokenizer.encode_batch(list(texts.values()), bos=True, eos=True)):
+    for i, doc in zip(texts, tokenizer.encode_batch(list(texts.values()), bos=True, eos=True, num_threads=threads)):
         ids[i], mask[i] = doc, [True] * len(doc)
     trained = [sum(m[1:]) for m in mask]
     return {"loc": batch["loc"], "error": errors, "ids": ids, "mask": mask, "trained": trained}
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def tokenize_file(path: str, tokenizer, *, columns=(), num_proc: int | None = None, cache_dir: str | None = None):
@@ -256,7 +261,7 @@ def tokenize_file(path: str, tokenizer, *, columns=(), num_proc: int | None = No
             _read_records, features=_RAW, gen_kwargs={"path": path}, cache_dir=work, fingerprint=f"{key}-raw"
         )
         if num_proc is None:  # worker start-up (~1 s) only pays off on large files
-            num_proc = max(1, min(os.cpu_count() or 1, len(raw) // 20_000))
+            num_proc = max(1, min(_usable_cpus(), len(raw) // 20_000))
         tokenized = raw.map(
             _tokenize_batch,
             batched=True,
@@ -264,7 +269,8 @@ def tokenize_file(path: str, tokenizer, *, columns=(), num_proc: int | None = No
             num_proc=num_proc if num_proc > 1 else None,
             remove_columns=["raw"],
             features=_TOKENIZED,
-            fn_kwargs={"tokenizer": tokenizer, "columns": columns},
+            # One process per core already: a worker's own encode threads would only contend for them.
+            fn_kwargs={"tokenizer": tokenizer, "columns": columns, "threads": 1 if num_proc > 1 else None},
             new_fingerprint=key,
             desc=f"tokenizing {os.path.basename(path)}",
         )
