@@ -589,7 +589,7 @@ def _fused_prefix_forward(q, k, v, runs, axis, n, zigzag, kern):
     state = fold((shard - (n - 1)) % n, False, kv_last, state)
     out = jnp.concatenate([acc for acc, _ in state], axis=1).astype(q.dtype)
     lse = tuple(l for _, l in state)
-    return out, (q, jnp.stack([k, v]), runs, out, lse)
+    return out, (q, kv, runs, out, lse)
 
 
 def _fused_prefix_backward(axis, n, zigzag, kern, residuals, d_out):

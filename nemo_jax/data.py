@@ -394,15 +394,20 @@ def _next_row(next_doc, pending, length, seq_len):
     return segments, pending
 
 
-def _materialize(sources, rows, seq_len, pad_id) -> dict:
-    shape = (len(rows), seq_len)
-    batch = {
+def empty_batch(n_rows: int, seq_len: int, pad_id: int) -> dict:
+    """The step's batch arrays, all padding: rows of segment 0 with no loss."""
+    shape = (n_rows, seq_len)
+    return {
         "tokens": np.full(shape, pad_id, np.int32),
         "targets": np.full(shape, pad_id, np.int32),
         "loss_mask": np.zeros(shape, np.float32),
         "segment_ids": np.zeros(shape, np.int32),
         "positions": np.zeros(shape, np.int32),
     }
+
+
+def _materialize(sources, rows, seq_len, pad_id) -> dict:
+    batch = empty_batch(len(rows), seq_len, pad_id)
     for r, segments in enumerate(rows):
         t = 0
         for k, (src, doc, off, n) in enumerate(segments, 1):

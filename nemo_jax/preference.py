@@ -33,6 +33,7 @@ import logging
 import numpy as np
 import pyarrow.parquet as pq
 
+from nemo_jax.data import empty_batch
 from nemo_jax.errors import UserError
 from nemo_jax.records import as_source, resolve
 
@@ -187,14 +188,7 @@ def load_pairs(sources, tokenizer, seq_len: int, *, skip_bad_records: bool = Fal
 
 def materialize(pairs: Pairs, rows: list[int | None], seq_len: int, pad_id: int) -> dict:
     """One batch: row r holds pair rows[r] (None: an empty row)."""
-    shape = (len(rows), seq_len)
-    batch = {
-        "tokens": np.full(shape, pad_id, np.int32),
-        "targets": np.full(shape, pad_id, np.int32),
-        "loss_mask": np.zeros(shape, np.float32),
-        "segment_ids": np.zeros(shape, np.int32),
-        "positions": np.zeros(shape, np.int32),
-    }
+    batch = empty_batch(len(rows), seq_len, pad_id)
     for r, p in enumerate(rows):
         if p is None:
             continue
