@@ -133,7 +133,7 @@ def parse_source(spec: str) -> tuple[str, float]:
 # ---- reading and tokenizing one file ----------------------------------------------------------
 
 
-def _where(path: str, loc: int) -> str:
+def record_where(path: str, loc: int) -> str:
     """How an error names a record: file:line for JSON lines, else the record/row number."""
     if path.endswith(".jsonl") or path.endswith(".json") and not _is_json_array(path):
         return f"{path}:{loc}"
@@ -149,7 +149,7 @@ def _is_json_array(path: str) -> bool:
     return False
 
 
-def _read_records(path: str):
+def read_records(path: str):
     """Yield {"loc", "raw" (one record as JSON text), "error"}; never raises on bad records."""
     if path.endswith((".parquet", SAVED_EXTENSION)):
         row = 0
@@ -165,7 +165,7 @@ def _read_records(path: str):
                     yield {"loc": row, "raw": "", "error": f"cannot read row: {e}"}
     elif path.endswith(".json") and _is_json_array(path):
         with open(path, encoding="utf-8") as f:
-            records = json.load(f)  # checked by _check_records before we get here
+            records = json.load(f)  # checked by check_records before we get here
         for i, rec in enumerate(records, 1):
             yield {"loc": i, "raw": json.dumps(rec, ensure_ascii=False), "error": ""}
     else:
@@ -188,7 +188,7 @@ def _row_batches(path: str):
             yield from pa.ipc.open_stream(source)
 
 
-def _check_records(path: str) -> None:
+def check_records(path: str) -> None:
     """File-level problems: a .json array that does not parse, a file with no records at all."""
     if path.endswith(".parquet"):
         empty = pq.ParquetFile(path).metadata.num_rows == 0
@@ -253,12 +253,12 @@ def tokenize_file(path: str, tokenizer, *, columns=(), num_proc: int | None = No
     out = os.path.join(cache_dir, f"{os.path.basename(path)}-{key}")
     if os.path.exists(os.path.join(out, "dataset_info.json")):
         return datasets.load_from_disk(out)
-    _check_records(path)
+    check_records(path)
     os.makedirs(cache_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
     try:
         raw = datasets.Dataset.from_generator(
-            _read_records, features=_RAW, gen_kwargs={"path": path}, cache_dir=work, fingerprint=f"{key}-raw"
+            read_records, features=_RAW, gen_kwargs={"path": path}, cache_dir=work, fingerprint=f"{key}-raw"
         )
         if num_proc is None:  # worker start-up (~1 s) only pays off on large files
             num_proc = max(1, min(_usable_cpus(), len(raw) // 20_000))
@@ -353,7 +353,7 @@ def load_documents(path, tokenizer, *, skip_bad_records=False, num_proc=None, ca
         bad_rows = pc.indices_nonzero(pc.not_equal(errors, "")).to_numpy()
         if len(bad_rows):
             first = int(bad_rows[0])
-            where = f"{_where(f, table.column('loc')[first].as_py())}: {errors[first].as_py()}"
+            where = f"{record_where(f, table.column('loc')[first].as_py())}: {errors[first].as_py()}"
             if not skip_bad_records:
                 raise UserError(where)
             bad, bad_example = bad + len(bad_rows), bad_example or where

@@ -167,10 +167,10 @@ def collect_turns(path: str, tokenizer) -> list[Turn]:
 
     if not Path(path).exists():
         raise UserError(f"--data {path}: no such file")
-    D._check_records(path)
+    D.check_records(path)
     turns = []
-    for rec in D._read_records(path):
-        where = D._where(path, rec["loc"])
+    for rec in D.read_records(path):
+        where = D.record_where(path, rec["loc"])
         if rec["error"]:
             raise UserError(f"{where}: {rec['error']}")
         try:
