@@ -81,8 +81,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nemo_jax.config import MAX_DOCUMENTS_PER_ROW
 from nemo_jax.errors import UserError
+from nemo_jax.packing import check_shape, materialize, mixture_seed, next_row
 from nemo_jax.records import EXTENSIONS as _EXTENSIONS
 from nemo_jax.records import SAVED_EXTENSION, DataSource, as_source, normalize, resolve, source_files  # noqa: F401
 
@@ -151,41 +151,69 @@ def _is_json_array(path: str) -> bool:
 
 def read_records(path: str):
     """Yield {"loc", "raw" (one record as JSON text), "error"}; never raises on bad records."""
+    for rec, _ in records_from(path):
+        yield rec
+
+
+def records_from(path: str, start: tuple[int, int] = (0, 0)):
+    """Yield (record as read_records gives it, the position after it), from position `start`.
+
+    A position is (offset, records or lines before it): a byte offset into JSON lines, a row or
+    array index otherwise. It is what a streamed source saves to continue where it stopped."""
+    offset, count = start
     if path.endswith((".parquet", SAVED_EXTENSION)):
-        row = 0
-        for batch in _row_batches(path):
+        row = offset
+        for batch in _row_batches(path, offset):
             for rec in batch.to_pylist():
                 row += 1
                 try:
                     for key in ("messages", "tools"):
                         if isinstance(rec.get(key), str):
                             rec[key] = json.loads(rec[key])
-                    yield {"loc": row, "raw": json.dumps(rec, ensure_ascii=False, default=str), "error": ""}
+                    yield {"loc": row, "raw": json.dumps(rec, ensure_ascii=False, default=str), "error": ""}, (row, row)
                 except (ValueError, TypeError) as e:
-                    yield {"loc": row, "raw": "", "error": f"cannot read row: {e}"}
+                    yield {"loc": row, "raw": "", "error": f"cannot read row: {e}"}, (row, row)
     elif path.endswith(".json") and _is_json_array(path):
         with open(path, encoding="utf-8") as f:
             records = json.load(f)  # checked by check_records before we get here
-        for i, rec in enumerate(records, 1):
-            yield {"loc": i, "raw": json.dumps(rec, ensure_ascii=False), "error": ""}
+        for i in range(offset, len(records)):
+            yield {"loc": i + 1, "raw": json.dumps(records[i], ensure_ascii=False), "error": ""}, (i + 1, i + 1)
     else:
         with open(path, "rb") as f:
-            for line_no, line in enumerate(f, 1):
+            f.seek(offset)
+            line_no = count
+            for line in f:
+                line_no, offset = line_no + 1, offset + len(line)
                 if not line.strip():
                     continue  # blank lines hold no record
                 try:
-                    yield {"loc": line_no, "raw": line.decode("utf-8"), "error": ""}
+                    yield {"loc": line_no, "raw": line.decode("utf-8"), "error": ""}, (offset, line_no)
                 except UnicodeDecodeError as e:
-                    yield {"loc": line_no, "raw": "", "error": f"not valid UTF-8 at byte {e.start}"}
+                    yield {"loc": line_no, "raw": "", "error": f"not valid UTF-8 at byte {e.start}"}, (offset, line_no)
 
 
-def _row_batches(path: str):
-    """Record batches of a parquet file or of a saved dataset's Arrow (IPC stream) file."""
+def _row_batches(path: str, start: int = 0):
+    """Record batches of a parquet file or of a saved dataset's Arrow (IPC stream) file, from row `start`."""
     if path.endswith(".parquet"):
-        yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
+        pf = pq.ParquetFile(path)
+        first, g = 0, 0
+        while g < pf.metadata.num_row_groups and first + pf.metadata.row_group(g).num_rows <= start:
+            first, g = first + pf.metadata.row_group(g).num_rows, g + 1  # whole groups before start: not read
+        if g < pf.metadata.num_row_groups:
+            yield from _skip_rows(pf.iter_batches(batch_size=1024, row_groups=range(g, pf.metadata.num_row_groups)),
+                                  start - first)
     else:
-        with pa.memory_map(path) as source:
-            yield from pa.ipc.open_stream(source)
+        with pa.memory_map(path) as source:  # zero-copy: skipped batches cost nothing
+            yield from _skip_rows(pa.ipc.open_stream(source), start)
+
+
+def _skip_rows(batches, skip: int):
+    for batch in batches:
+        if skip < len(batch):
+            yield batch.slice(skip)
+            skip = 0
+        else:
+            skip -= len(batch)
 
 
 def check_records(path: str) -> None:
@@ -212,7 +240,7 @@ def check_records(path: str) -> None:
         raise UserError(f"{path}: no records")
 
 
-def _tokenize_batch(batch: dict, tokenizer, columns=(), threads: int | None = None) -> dict:
+def tokenize_records(batch: dict, tokenizer, columns=(), threads: int | None = None) -> dict:
     n = len(batch["raw"])
     ids, mask, errors = [[] for _ in range(n)], [[] for _ in range(n)], list(batch["error"])
     texts = {}
@@ -263,7 +291,7 @@ def tokenize_file(path: str, tokenizer, *, columns=(), num_proc: int | None = No
         if num_proc is None:  # worker start-up (~1 s) only pays off on large files
             num_proc = max(1, min(_usable_cpus(), len(raw) // 20_000))
         tokenized = raw.map(
-            _tokenize_batch,
+            tokenize_records,
             batched=True,
             batch_size=256,
             num_proc=num_proc if num_proc > 1 else None,
@@ -369,68 +397,6 @@ def load_documents(path, tokenizer, *, skip_bad_records=False, num_proc=None, ca
 # ---- packing ----------------------------------------------------------------------------------
 
 
-def _next_row(next_doc, pending, length, seq_len):
-    """Fill one row: -> (segments [(source, doc, first pair, pairs)], piece left over or None).
-
-    A piece is (source, doc, offset): document `doc` from pair `offset` on. `pending` is the piece
-    the previous row could not take, `next_doc()` gives (source, doc, 0) or None at the end,
-    `length(source, doc)` is a document's token count (it has one pair fewer).
-    """
-    segments, free = [], seq_len
-    while free and len(segments) < MAX_DOCUMENTS_PER_ROW:  # the GPU kernel's table of documents (config.py)
-        piece = pending if pending is not None else next_doc()
-        if piece is None:
-            return segments, None
-        src, doc, off = piece
-        left = length(src, doc) - 1 - off
-        if left <= free:
-            segments.append((src, doc, off, left))
-            free, pending = free - left, None
-        elif left > seq_len:  # longer than any row: cut it here
-            segments.append((src, doc, off, free))
-            free, pending = 0, (src, doc, off + free)
-        else:
-            return segments, piece
-    return segments, pending
-
-
-def empty_batch(n_rows: int, seq_len: int, pad_id: int) -> dict:
-    """The step's batch arrays, all padding: rows of segment 0 with no loss."""
-    shape = (n_rows, seq_len)
-    return {
-        "tokens": np.full(shape, pad_id, np.int32),
-        "targets": np.full(shape, pad_id, np.int32),
-        "loss_mask": np.zeros(shape, np.float32),
-        "segment_ids": np.zeros(shape, np.int32),
-        "positions": np.zeros(shape, np.int32),
-    }
-
-
-def _materialize(sources, rows, seq_len, pad_id) -> dict:
-    batch = empty_batch(len(rows), seq_len, pad_id)
-    for r, segments in enumerate(rows):
-        t = 0
-        for k, (src, doc, off, n) in enumerate(segments, 1):
-            ids, mask = sources[src].get(doc, off, off + n + 1)
-            batch["tokens"][r, t : t + n] = ids[:-1]
-            batch["targets"][r, t : t + n] = ids[1:]
-            batch["loss_mask"][r, t : t + n] = mask[1:]
-            batch["segment_ids"][r, t : t + n] = k
-            batch["positions"][r, t : t + n] = np.arange(n)
-            t += n
-    return batch
-
-
-def _check_shape(seq_len, batch_size, process_index, process_count):
-    if seq_len < 1 or batch_size < 1:
-        raise UserError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
-    if not 0 <= process_index < process_count:
-        raise UserError(f"process_index {process_index} is not in [0, {process_count})")
-    if batch_size % process_count:
-        raise UserError(f"batch_size {batch_size} must split evenly over {process_count} processes")
-    return batch_size // process_count
-
-
 class PackedIterator:
     """Endless packed training batches from weighted sources; see the module docstring."""
 
@@ -439,7 +405,7 @@ class PackedIterator:
     def __init__(self, sources, seq_len, batch_size, seed, *, weights=None, pad_id=0, process_index=0, process_count=1):
         self.sources = list(sources)
         self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, int(seed), pad_id
-        self._local = _check_shape(seq_len, batch_size, process_index, process_count)
+        self._local = check_shape(seq_len, batch_size, process_index, process_count)
         self._first_row = process_index * self._local
         w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
         if self.seed < 0 or not self.sources or len(w) != len(self.sources) or not (w > 0).all():
@@ -484,7 +450,7 @@ class PackedIterator:
             return 0
         block = draw // self._BLOCK
         if block not in self._draw_cache:
-            rng = np.random.default_rng([self.seed, 1, block])
+            rng = np.random.default_rng(mixture_seed(self.seed, block))
             self._draw_cache = {block: rng.choice(len(self.sources), self._BLOCK, p=self._p)}
         return int(self._draw_cache[block][draw % self._BLOCK])
 
@@ -512,23 +478,23 @@ class PackedIterator:
     def __next__(self) -> dict:
         rows = []
         for _ in range(self.batch_size):
-            segments, self._pending = _next_row(self._next_doc, self._pending, self._length, self.seq_len)
+            segments, self._pending = next_row(self._next_doc, self._pending, self._length, self.seq_len)
             rows.append(segments)
         mine = rows[self._first_row : self._first_row + self._local]
-        return _materialize(self.sources, mine, self.seq_len, self.pad_id)
+        return materialize(mine, self.seq_len, self.pad_id, lambda src, doc, a, b: self.sources[src].get(doc, a, b))
 
 
 class EvalBatches:
     """Every document of an eval set exactly once, in file order; iterate as often as needed."""
 
     def __init__(self, docs: Documents, seq_len, batch_size, *, pad_id=0, process_index=0, process_count=1):
-        local = _check_shape(seq_len, batch_size, process_index, process_count)
+        local = check_shape(seq_len, batch_size, process_index, process_count)
         self.docs, self.seq_len, self.pad_id = docs, seq_len, pad_id
         stream = ((0, d, 0) for d in range(len(docs)))
         length = lambda src, doc: int(docs.lengths[doc])  # noqa: E731
         rows, pending = [], None
         while True:
-            segments, pending = _next_row(lambda: next(stream, None), pending, length, seq_len)
+            segments, pending = next_row(lambda: next(stream, None), pending, length, seq_len)
             if not segments:
                 break
             rows.append(segments)
@@ -541,7 +507,7 @@ class EvalBatches:
 
     def __iter__(self):
         for rows in self._batches:
-            yield _materialize([self.docs], rows, self.seq_len, self.pad_id)
+            yield materialize(rows, self.seq_len, self.pad_id, lambda src, doc, a, b: self.docs.get(doc, a, b))
 
 
 # ---- entry points -----------------------------------------------------------------------------

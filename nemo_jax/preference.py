@@ -33,7 +33,7 @@ import logging
 import numpy as np
 import pyarrow.parquet as pq
 
-from nemo_jax.data import empty_batch
+from nemo_jax.packing import empty_batch
 from nemo_jax.errors import UserError
 from nemo_jax.records import as_source, resolve
 

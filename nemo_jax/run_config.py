@@ -317,9 +317,14 @@ class DataSection(_Section):
     tokenizer: str | None = None  # tekken.json; None = NeMo's
     skip_bad_records: bool = False
     num_proc: int | None = _field(None, gt=0)
+    streaming: bool = False  # read and tokenize train sources while training (streaming.py), nothing up front
+    shuffle_window: int | None = _field(None, gt=0)  # streaming: records shuffled together; None = 10000
 
     def _validate(self):
         _check_list(self, "train", allow_empty=False)
+        if self.shuffle_window is not None and not self.streaming:
+            raise _bad("data.shuffle_window", "applies to streamed sources only (data.streaming: true); in-memory "
+                                              "sources are shuffled whole")
         for i, s in enumerate(self.train):
             try:
                 if isinstance(s, str):

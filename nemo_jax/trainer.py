@@ -321,7 +321,7 @@ def check_run_config(cfg, config: ModelConfig, n_devices: int | None = None, n_p
 # else may change on resume: train.steps may grow, cadences, lr schedule, mesh, remat, scan_unroll.
 RESUME_KEYS = ("model.checkpoint", "model.preset", "model.param_dtype", "lora.enabled", "lora.rank", "lora.alpha",
                "lora.targets", "lora.quantize_base", "lora.double_quant", "train.batch_size", "train.micro_batch_size", "train.seq_len", "train.seed",
-               "data.train", "data.tokenizer", "fp8", "train.objective")
+               "data.train", "data.tokenizer", "data.streaming", "data.shuffle_window", "fp8", "train.objective")
 
 
 def check_resume(saved: dict | None, cfg, where: str) -> None:
@@ -346,6 +346,8 @@ def check_resume(saved: dict | None, cfg, where: str) -> None:
     def value(tree, key):
         if key == "train.micro_batch_size":  # unset: the whole batch, the same as setting it to batch_size
             return get(tree, key) or get(tree, "train.batch_size")
+        if key == "data.streaming":  # runs saved before the key existed were not streamed
+            return bool(get(tree, key))
         return get(tree, key)
 
     show = lambda v: json.dumps(v, ensure_ascii=False)  # noqa: E731
@@ -413,6 +415,7 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
 
 def train(cfg) -> Path:
     from nemo_jax.data import make_eval_batches, make_train_iterator
+    from nemo_jax.streaming import make_stream_iterator
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -440,11 +443,19 @@ def train(cfg) -> Path:
 
     # Each process reads the rows its devices hold (S.process_rows), as data.py's "process" block.
     train_rows = S.process_rows(batch_sh, (tc.batch_size, tc.seq_len))
+    if tc.objective == "dpo" and cfg.data.streaming:
+        raise UserError("data.streaming: preference pairs (train.objective: dpo) are read up front; set "
+                        "data.streaming: false")
     if tc.objective == "dpo":  # preference pairs, one per row (preference.py)
         train_iter = PF.make_pair_iterator(
             [s if isinstance(s, DataSource) else DataSource(*parse_source(s)) for s in cfg.data.train], tokenizer,
             tc.seq_len, tc.batch_size, tc.seed, skip_bad_records=cfg.data.skip_bad_records,
             process_index=train_rows[0], process_count=train_rows[1])
+    elif cfg.data.streaming:  # read and tokenized while the steps run (streaming.py)
+        train_iter = make_stream_iterator(
+            list(cfg.data.train), tokenizer, tc.seq_len, tc.batch_size, tc.seed,
+            skip_bad_records=cfg.data.skip_bad_records, process_index=train_rows[0],
+            process_count=train_rows[1], shuffle_window=cfg.data.shuffle_window)
     else:
         train_iter = make_train_iterator(
             list(cfg.data.train), tokenizer, tc.seq_len, tc.batch_size, tc.seed,

@@ -289,7 +289,7 @@ def test_tokenized_files_are_cached(tok, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data, "_tokenize_batch", boom)
+    monkeypatch.setattr(data, "tokenize_records", boom)
     assert tokenize_file(str(path), tok, cache_dir=cache)["ids"][0] == tok.encode("first version", True, True)
     monkeypatch.undo()
     write_jsonl(path, [{"text": "second, longer version"}])  # new size and mtime: tokenized again
