@@ -66,12 +66,15 @@ class StreamSource:
             check_records(f)
         self.bad, self.bad_example = 0, ""
 
-    def read(self, epoch: int, index: int, start) -> _Window:
-        """Window `index` of `epoch`, its first record at `start` = [file, offset, count]."""
+    def read(self, epoch: int, index: int, start, stop=None) -> _Window | None:
+        """Window `index` of `epoch`, its first record at `start` = [file, offset, count]; None once `stop`
+        (a threading.Event) is set."""
         f, offset, count = start
         batch, end = {"loc": [], "raw": [], "error": [], "file": []}, None
         while end is None and f < len(self.files):
             for rec, pos in records_from(self.files[f], (offset, count)):
+                if stop is not None and stop.is_set():
+                    return None
                 for k in ("loc", "raw", "error"):
                     batch[k].append(rec[k])
                 batch["file"].append(f)
@@ -114,7 +117,9 @@ class _Reader:
         empty_epoch = index == 0  # a whole pass without one document would loop forever
         try:
             while not self._stop.is_set():
-                w = self.source.read(epoch, index, start)
+                w = self.source.read(epoch, index, start, self._stop)
+                if w is None:
+                    return
                 empty_epoch = empty_epoch and not w.docs
                 self._put(w)
                 epoch2, index, start = self.source.after(w)
@@ -157,13 +162,15 @@ class StreamingIterator:
         if self.seed < 0 or not self.sources or len(w) != len(self.sources) or not (w > 0).all():
             raise UserError(f"need a seed >= 0 and one positive weight per source, got seed {seed}, weights {list(w)}")
         self._p = w / w.sum()
-        self._draw_cache, self._readers = {}, []
+        self._draw_cache, self._readers, self._restored = {}, [], None
         self.restore({"format": "stream", "seed": self.seed, "draws": 0, "pending": None,
                       "sources": [{"epoch": 0, "window": 0, "start": [0, 0, 0], "taken": 0} for _ in self.sources],
                       "files": [[os.path.basename(f) for f in s.files] for s in self.sources]})  # fmt: skip
 
     def state(self) -> dict:
         """Where the iterator is: restore it to continue with exactly the same batches."""
+        if self._restored is not None:
+            return dict(self._restored)
         return {
             "format": "stream",
             "seed": self.seed,
@@ -183,6 +190,10 @@ class StreamingIterator:
             raise UserError(f"data state is for seed {state['seed']} and files {state['files']}, "
                             f"but this run has seed {self.seed} and {files}")  # fmt: skip
         self.close()
+        self._restored = state  # the readers start at the first batch: a restore right after __init__ reads once
+
+    def _open(self):
+        state, self._restored = self._restored, None
         self._draws = int(state["draws"])
         self._readers = [_Reader(s, st["epoch"], st["window"], st["start"])
                          for s, st in zip(self.sources, state["sources"])]  # fmt: skip
@@ -203,7 +214,7 @@ class StreamingIterator:
     @property
     def epoch(self) -> int:
         """Completed passes over the first source."""
-        return self._windows[0].epoch
+        return self._restored["sources"][0]["epoch"] if self._restored is not None else self._windows[0].epoch
 
     def summary(self) -> str:
         lines = []
@@ -240,6 +251,8 @@ class StreamingIterator:
         return self
 
     def __next__(self) -> dict:
+        if self._restored is not None:
+            self._open()
         rows = []
         for _ in range(self.batch_size):
             segments, self._pending = next_row(self._next_doc, self._pending, lambda s, d: len(d[0]), self.seq_len)
