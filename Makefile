@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/convert.py
 	$(BIN)/python benchmarks/tokenizer.py
+	$(BIN)/python benchmarks/streaming.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/fp8_qat.py

@@ -7,8 +7,9 @@ benchmarks/tokenizer.py corpus), written once to --dir. Reported:
   - time to the first batch: in-memory (tokenize the whole file with datasets.map into a fresh cache,
     then pack) against streaming (read and tokenize the first window). This is what streaming is for:
     the in-memory time grows with the data, the streamed one with the window;
-  - packed tokens/s while batches are drawn (after the first): streaming's background tokenizer must
-    keep ahead of training. For scale, a 12B LoRA step on one H100 consumes ~3,000-6,000 tokens/s;
+  - packed tokens/s while batches are drawn (after the first): the rate streaming's background tokenizer
+    sustains, against the up-front datasets.map rate; training must draw fewer than that (train.py logs
+    its tokens/s) for the data never to make a step wait;
   - the time to restore a streamed state mid-run (re-reading and re-tokenizing one window per source).
 """
 
