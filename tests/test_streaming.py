@@ -177,3 +177,29 @@ def test_train_streaming_resumes_exactly(tmp_path):
     with pytest.raises(UserError, match=r"data.streaming true -> false"):
         train(load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path / 'switch'}", f"data.train=[{data}]",
                                                        "train.schedule=constant", "train.steps=4"]))
+
+
+def test_streams_a_hub_dataset_from_the_cache(tmp_path, monkeypatch, tok):
+    """An hf: source streams from the hub cache (offline), split and column mapping applied, in the
+    order the in-memory pipeline reads it."""
+    import io
+
+    from hubcache import add_repo, offline_hub
+
+    from nemo_jax.records import DataSource
+
+    def parquet(rows):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf, row_group_size=2)
+        return buf.getvalue()
+
+    rows = {s: [{"body": f"{s} document {i} " + "word " * (3 + i)} for i in range(7)] for s in ("train", "test")}
+    add_repo(tmp_path, "org/stream", {f"{s}.parquet": parquet(r) for s, r in rows.items()}, repo_type="dataset")
+    offline_hub(monkeypatch, tmp_path)
+    source = DataSource("hf:org/stream", split="test", columns=(("text", "body"),))
+    it = make_stream_iterator([source], tok, 4096, 1, seed=0, shuffle_window=1)
+    batch = next(it)
+    docs = load_documents(source, tok, cache_dir=str(tmp_path / "cache"))
+    want = np.concatenate([docs.get(i)[0][:-1] for i in range(len(docs))])
+    assert len(docs) == 7 and np.array_equal(batch["tokens"][0][: len(want)], want)
+    assert tok.decode(batch["tokens"][0][1:6].tolist()).startswith("test document 0")
