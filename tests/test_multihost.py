@@ -36,7 +36,9 @@ COMMON = ("train.batch_size=8", "train.seq_len=32", "train.loss_chunk=16", "trai
           f"data.train=[{TRAIN}]")
 MODES = {
     "full": ("mesh.fsdp=8",),
-    "lora": ("mesh.tensor=8", "lora.enabled=true", "lora.rank=4", "train.lr=1e-2"),
+    # streamed data (data.streaming): the stop on 2 hosts and the resume on 1 continue the same batches
+    "lora": ("mesh.tensor=8", "lora.enabled=true", "lora.rank=4", "train.lr=1e-2", "data.streaming=true",
+             "data.shuffle_window=16"),
 }
 
 
