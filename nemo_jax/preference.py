@@ -21,8 +21,10 @@ Batches: the keys of data.py's batches, [B, T], one pair per row
     that hold no pair are empty (all-zero loss mask) and count for nothing.
 A pair longer than a row (both sides' next-token pairs > seq_len) is an error naming its record.
 
-Order and resumption as in data.py: the pairs of all sources are shuffled with a permutation drawn
-from (seed, epoch); `state()` / `restore()` continue with exactly the same batches.
+Order and resumption as in data.py: one source's pairs are shuffled with a permutation drawn from
+(seed, epoch); several sources are mixed by weight (`path:weight`), each cycling through its own
+permutations; `state()` / `restore()` continue with exactly the same batches. A source's `columns`
+renames fields as for SFT records (e.g. `{chosen: accepted}`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ import json
 import logging
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from nemo_jax.packing import empty_batch
+from nemo_jax.data import check_records, read_records, record_where
 from nemo_jax.errors import UserError
+from nemo_jax.packing import check_shape, empty_batch, mixture_seed
 from nemo_jax.records import as_source, resolve
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,8 @@ def is_preference_record(rec) -> bool:
 
 def is_preference_source(source) -> bool:
     """Does a source hold preference pairs? (judged by its first record)"""
-    for _, rec, _ in _records(resolve(source)[0]):
+    source = as_source(source)
+    for _, rec, _ in _records(resolve(source)[0], source.columns):
         return is_preference_record(rec)
     return False
 
@@ -100,40 +103,32 @@ def encode_pair(tokenizer, rec) -> tuple[list[int], list[bool], list[int], list[
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def _records(path: str):
-    """Yield (where, record or None, error) for each record of one file: `path:line` for JSON lines."""
-    if path.endswith(".parquet"):
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                row += 1
-                for k in ("messages", "tools", "chosen", "rejected", "prompt"):
-                    if isinstance(rec.get(k), str) and rec[k][:1] in "[{":  # nested data stored as JSON text
-                        try:
-                            rec[k] = json.loads(rec[k])
-                        except ValueError:
-                            pass
-                yield f"{path}: row {row}", rec, None
-        return
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if path.endswith(".json") and head.startswith(b"["):
+def _records(path: str, columns=()):
+    """Yield (where, record or None, error) for each record of one file, with data.py's reader (every file
+    kind it reads) and its names for records (`path:line` for JSON lines); `columns` renames fields."""
+    check_records(path)
+    for raw in read_records(path):
+        where = record_where(path, raw["loc"])
+        if raw["error"]:
+            yield where, None, raw["error"]
+            continue
         try:
-            with open(path, encoding="utf-8") as f:
-                records = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: malformed JSON array: {e}") from None
-        for i, rec in enumerate(records, 1):
-            yield f"{path}: record {i}", rec, None
-        return
-    with open(path, "rb") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{line_no}", json.loads(line), None
-            except (ValueError, UnicodeDecodeError) as e:
-                yield f"{path}:{line_no}", None, f"malformed JSON: {e}"
+            rec = json.loads(raw["raw"])
+        except ValueError as e:
+            yield where, None, f"malformed JSON: {e}"
+            continue
+        if isinstance(rec, dict):
+            rec = {k: v for k, v in rec.items() if v is not None}  # parquet fills absent fields with nulls
+            if columns:
+                values = {canonical: rec.pop(field, None) for canonical, field in columns}
+                rec.update({k: v for k, v in values.items() if v is not None})
+            for k in ("messages", "tools", "chosen", "rejected", "prompt"):
+                if isinstance(rec.get(k), str) and rec[k][:1] in "[{":  # nested data stored as JSON text (parquet)
+                    try:
+                        rec[k] = json.loads(rec[k])
+                    except ValueError:
+                        pass
+        yield where, rec, None
 
 
 class Pairs:
@@ -150,49 +145,44 @@ class Pairs:
         return f"{self.name}: {len(self)} preference pairs{skipped}"
 
 
-def load_pairs(sources, tokenizer, seq_len: int, *, skip_bad_records: bool = False) -> Pairs:
-    """Every pair of `sources` (paths or DataSources), checked to fit a row of `seq_len`."""
-    sources = [sources] if not isinstance(sources, (list, tuple)) else list(sources)
+def load_pairs(source, tokenizer, seq_len: int, *, skip_bad_records: bool = False) -> Pairs:
+    """Every pair of one source (a path or DataSource), checked to fit a row of `seq_len`."""
+    src = as_source(source)
     sides, where, bad = [], [], 0
-    for source in sources:
-        src = as_source(source)
-        if src.weight not in (None, 1, 1.0):
-            raise UserError(f"{src.path}: weighted sources are not supported for preference data "
-                            "(train.objective: dpo): the pairs of all sources are shuffled together")
-        for path in resolve(src):
-            for loc, rec, error in _records(path):
-                try:
-                    if error:
-                        raise UserError(error)
-                    ids_c, m_c, ids_r, m_r = encode_pair(tokenizer, rec)
-                    need = len(ids_c) + len(ids_r) - 2
-                    if need > seq_len:
-                        raise UserError(f"the pair needs {need} positions (chosen and rejected side by side), more "
-                                        f"than train.seq_len {seq_len}")
-                except UserError as e:
-                    if not skip_bad_records:
-                        raise UserError(f"{loc}: {e}") from None
-                    bad += 1
-                    continue
-                sides.append((np.asarray(ids_c, np.int32), np.asarray(m_c, bool),
-                              np.asarray(ids_r, np.int32), np.asarray(m_r, bool)))
-                where.append(loc)
-    name = ", ".join(as_source(s).path for s in sources)
+    for path in resolve(src):
+        for loc, rec, error in _records(path, src.columns):
+            try:
+                if error:
+                    raise UserError(error)
+                ids_c, m_c, ids_r, m_r = encode_pair(tokenizer, rec)
+                need = len(ids_c) + len(ids_r) - 2
+                if need > seq_len:
+                    raise UserError(f"the pair needs {need} positions (chosen and rejected side by side), more "
+                                    f"than train.seq_len {seq_len}")
+            except UserError as e:
+                if not skip_bad_records:
+                    raise UserError(f"{loc}: {e}") from None
+                bad += 1
+                continue
+            sides.append((np.asarray(ids_c, np.int32), np.asarray(m_c, bool),
+                          np.asarray(ids_r, np.int32), np.asarray(m_r, bool)))
+            where.append(loc)
     if not sides:
-        raise UserError(f"{name}: no preference pairs")
-    return Pairs(sides, where, name, bad)
+        raise UserError(f"{src}: no preference pairs")
+    return Pairs(sides, where, str(src), bad)
 
 
 # ---- batches -----------------------------------------------------------------------------------
 
 
-def materialize(pairs: Pairs, rows: list[int | None], seq_len: int, pad_id: int) -> dict:
-    """One batch: row r holds pair rows[r] (None: an empty row)."""
+def materialize(pairs, rows: list, seq_len: int, pad_id: int) -> dict:
+    """One batch: row r holds pair rows[r] of `pairs` (a Pairs), or (source, pair) of `pairs` (a list of
+    Pairs); None: an empty row."""
     batch = empty_batch(len(rows), seq_len, pad_id)
     for r, p in enumerate(rows):
         if p is None:
             continue
-        ids_c, m_c, ids_r, m_r = pairs.sides[p]
+        ids_c, m_c, ids_r, m_r = pairs.sides[p] if isinstance(pairs, Pairs) else pairs[p[0]].sides[p[1]]
         t = 0
         for seg, (ids, mask) in enumerate(((ids_c, m_c), (ids_r, m_r)), 1):
             n = len(ids) - 1
@@ -205,57 +195,93 @@ def materialize(pairs: Pairs, rows: list[int | None], seq_len: int, pad_id: int)
     return batch
 
 
-def _local_rows(batch_size: int, process_index: int, process_count: int) -> int:
-    if batch_size % process_count:
-        raise UserError(f"batch_size {batch_size} must split evenly over {process_count} processes")
-    return batch_size // process_count
-
-
 class PairIterator:
-    """Endless shuffled training batches of pairs; each process gets its block of each global batch."""
+    """Endless shuffled training batches of pairs; each process gets its block of each global batch.
 
-    def __init__(self, pairs: Pairs, seq_len: int, batch_size: int, seed: int, *, pad_id=0,
-                 process_index=0, process_count=1):
-        self.pairs, self.seq_len, self.batch_size, self.seed, self.pad_id = pairs, seq_len, batch_size, int(seed), pad_id
-        self._local = _local_rows(batch_size, process_index, process_count)
+    One source: its pairs in a permutation drawn from (seed, epoch). Several: each pair is drawn from
+    source i with probability w_i / sum(w), as data.py mixes documents, and each source cycles through
+    its own permutations, drawn from (seed, source, epoch)."""
+
+    _BLOCK = 4096  # mixture draws are generated in blocks of this many
+
+    def __init__(self, pairs, seq_len: int, batch_size: int, seed: int, *, weights=None, pad_id=0,
+                 process_index=0, process_count=1):  # fmt: skip
+        self.sources = [pairs] if isinstance(pairs, Pairs) else list(pairs)
+        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, int(seed), pad_id
+        self._local = check_shape(seq_len, batch_size, process_index, process_count)
         self._first = process_index * self._local
-        self._perm = None
-        self.restore({"seed": self.seed, "epoch": 0, "position": 0, "num_pairs": len(pairs)})
+        w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
+        if not self.sources or len(w) != len(self.sources) or not (w > 0).all():
+            raise UserError(f"need one positive weight per preference source, got {list(w)}")
+        self._p = w / w.sum()
+        self._perms, self._draw_cache = {}, {}
+        if len(self.sources) == 1:
+            self.restore({"seed": self.seed, "epoch": 0, "position": 0, "num_pairs": len(self.sources[0])})
+        else:
+            n = len(self.sources)
+            self.restore({"seed": self.seed, "draws": 0, "epochs": [0] * n, "positions": [0] * n,
+                          "num_pairs": [len(s) for s in self.sources]})  # fmt: skip
+
+    @property
+    def pairs(self) -> Pairs:
+        return self.sources[0]
 
     def state(self) -> dict:
-        return {"seed": self.seed, "epoch": self._epoch, "position": self._position, "num_pairs": len(self.pairs)}
+        if len(self.sources) == 1:  # the single-source form (as runs before several sources saved it)
+            return {"seed": self.seed, "epoch": self._epochs[0], "position": self._positions[0],
+                    "num_pairs": len(self.sources[0])}  # fmt: skip
+        return {"seed": self.seed, "draws": self._draws, "epochs": list(self._epochs),
+                "positions": list(self._positions), "num_pairs": [len(s) for s in self.sources]}  # fmt: skip
 
     def restore(self, state: dict) -> None:
-        if state.get("seed") != self.seed or state.get("num_pairs") != len(self.pairs):
+        sizes = len(self.sources[0]) if len(self.sources) == 1 else [len(s) for s in self.sources]
+        if state.get("seed") != self.seed or state.get("num_pairs") != sizes:
             raise UserError(f"data state is for seed {state.get('seed')} and {state.get('num_pairs')} preference "
-                            f"pairs, but this run has seed {self.seed} and {len(self.pairs)}")
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+                            f"pairs, but this run has seed {self.seed} and {sizes}")
+        if len(self.sources) == 1:
+            self._draws, self._epochs, self._positions = 0, [int(state["epoch"])], [int(state["position"])]
+        else:
+            self._draws = int(state["draws"])
+            self._epochs, self._positions = list(map(int, state["epochs"])), list(map(int, state["positions"]))
 
     def summary(self) -> str:
-        return self.pairs.summary()
+        return "\n".join(f"{s.summary()} (weight {p:.3f})" for s, p in zip(self.sources, self._p))
 
-    def _next_pair(self) -> int:
-        if self._perm is None or self._perm[0] != self._epoch:
-            self._perm = (self._epoch, np.random.default_rng([self.seed, 3, self._epoch]).permutation(len(self.pairs)))
-        p = int(self._perm[1][self._position])
-        self._position += 1
-        if self._position == len(self.pairs):
-            self._epoch, self._position = self._epoch + 1, 0
-        return p
+    def _source(self) -> int:
+        if len(self.sources) == 1:
+            return 0
+        block, i = divmod(self._draws, self._BLOCK)
+        self._draws += 1
+        if block not in self._draw_cache:
+            rng = np.random.default_rng(mixture_seed(self.seed, block))
+            self._draw_cache = {block: rng.choice(len(self.sources), self._BLOCK, p=self._p)}
+        return int(self._draw_cache[block][i])
+
+    def _next_pair(self) -> tuple[int, int]:
+        src = self._source()
+        epoch = self._epochs[src]
+        if self._perms.get(src, (None,))[0] != epoch:
+            key = [self.seed, 3, epoch] if len(self.sources) == 1 else [self.seed, 3, src, epoch]
+            self._perms[src] = (epoch, np.random.default_rng(key).permutation(len(self.sources[src])))
+        p = int(self._perms[src][1][self._positions[src]])
+        self._positions[src] += 1
+        if self._positions[src] == len(self.sources[src]):
+            self._epochs[src], self._positions[src] = epoch + 1, 0
+        return src, p
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         rows = [self._next_pair() for _ in range(self.batch_size)]
-        return materialize(self.pairs, rows[self._first:self._first + self._local], self.seq_len, self.pad_id)
+        return materialize(self.sources, rows[self._first:self._first + self._local], self.seq_len, self.pad_id)
 
 
 class PairEvalBatches:
     """Every pair once, in file order; the last batch completed with empty rows."""
 
     def __init__(self, pairs: Pairs, seq_len: int, batch_size: int, *, pad_id=0, process_index=0, process_count=1):
-        local = _local_rows(batch_size, process_index, process_count)
+        local = check_shape(seq_len, batch_size, process_index, process_count)
         rows = list(range(len(pairs))) + [None] * (-len(pairs) % batch_size)
         first = process_index * local
         self.pairs, self.seq_len, self.pad_id = pairs, seq_len, pad_id
@@ -271,15 +297,17 @@ class PairEvalBatches:
 
 def make_pair_iterator(sources, tokenizer, seq_len, batch_size, seed, skip_bad_records=False,
                        process_index=0, process_count=1) -> PairIterator:
-    pairs = load_pairs(sources, tokenizer, seq_len, skip_bad_records=skip_bad_records)
-    it = PairIterator(pairs, seq_len, batch_size, seed, pad_id=tokenizer.pad_id, process_index=process_index,
-                      process_count=process_count)
-    log.info("preference data: %s", it.summary())
+    """Training batches of pairs from `sources` (paths or DataSources, mixed by their weights)."""
+    sources = [as_source(s) for s in ([sources] if not isinstance(sources, (list, tuple)) else sources)]
+    pairs = [load_pairs(s, tokenizer, seq_len, skip_bad_records=skip_bad_records) for s in sources]
+    it = PairIterator(pairs, seq_len, batch_size, seed, weights=[s.weight for s in sources], pad_id=tokenizer.pad_id,
+                      process_index=process_index, process_count=process_count)  # fmt: skip
+    log.info("preference data:\n%s", it.summary())
     return it
 
 
 def make_pair_eval_batches(source, tokenizer, seq_len, batch_size, *, process_index=0, process_count=1,
                            skip_bad_records=False) -> PairEvalBatches:
-    pairs = load_pairs([source], tokenizer, seq_len, skip_bad_records=skip_bad_records)
+    pairs = load_pairs(source, tokenizer, seq_len, skip_bad_records=skip_bad_records)
     return PairEvalBatches(pairs, seq_len, batch_size, pad_id=tokenizer.pad_id, process_index=process_index,
                            process_count=process_count)

@@ -51,7 +51,7 @@ from nemo_jax.errors import UserError
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 SAVED_EXTENSION = ".arrow"  # the files of a datasets.save_to_disk directory
 FIELDS = ("text", "messages", "tools", "prompt", "completion", "conversations", "instruction", "input", "output",
-          "system")
+          "system", "chosen", "rejected")  # the last two: preference pairs (preference.py)
 SOURCE_KEYS = ("path", "weight", "columns", "split", "subset", "revision")
 
 
