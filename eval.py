@@ -42,12 +42,17 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="tool-calls: tokens generated per turn (256)")
     args = p.parse_args(argv)
 
-    from nemo_jax.evaluate import main_eval
     from nemo_jax.hub import resolve_model
 
     args.checkpoint = str(resolve_model(args.checkpoint))  # a Hub id -> its snapshot (nemo_jax/hub.py)
+    if args.task == "tool-calls":
+        from nemo_jax.tool_eval import main_tool_eval
 
-    main_eval(args)
+        main_tool_eval(args)
+    else:
+        from nemo_jax.evaluate import main_eval
+
+        main_eval(args)
 
 
 if __name__ == "__main__":

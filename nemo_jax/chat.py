@@ -22,10 +22,9 @@ import re
 import string
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 from nemo_jax.errors import UserError, cli_main
-from nemo_jax.tokenizer import _tools_json
+from nemo_jax.tokenizer import tools_json
 
 _CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
 
@@ -55,7 +54,7 @@ def load_tools(path: str) -> list[dict]:
     tools = [{"type": "function", "function": t} if isinstance(t, dict) and "function" not in t and "name" in t
              else t for t in tools]
     try:
-        _tools_json(tools)  # the chat encoder's own checks, before minutes of loading a model
+        tools_json(tools)  # the chat encoder's own checks, before minutes of loading a model
     except UserError as e:
         raise UserError(f"--tools {path}: {e}") from None
     return tools
@@ -186,15 +185,15 @@ def main(argv=None):
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be ≥ 1")
 
-    from nemo_jax.evaluate import _run_config, load_for_eval
-    from nemo_jax.generate import _check_sampling
+    from nemo_jax.evaluate import load_for_eval, run_config_of
+    from nemo_jax.generate import check_sampling
     from nemo_jax.hub import resolve_model
-    from nemo_jax.trainer import tokenizer_for
+    from nemo_jax.tokenizer import tokenizer_for
 
-    _check_sampling(args.temperature, args.top_k, args.top_p)
+    check_sampling(args.temperature, args.top_k, args.top_p)
     tools = load_tools(args.tools) if args.tools else None
     args.checkpoint = str(resolve_model(args.checkpoint))  # a Hub id -> its snapshot (nemo_jax/hub.py)
-    cfg = _run_config(SimpleNamespace(config=None, checkpoint=args.checkpoint))
+    cfg = run_config_of(args.checkpoint)
     config, params, lora_params, spec = load_for_eval(args.checkpoint, args.dtype or (cfg.model.dtype if cfg else None))
     tokenizer = tokenizer_for(config, args.tokenizer or (cfg.data.tokenizer if cfg else None))
     chat = Chat(config, params, lora_params, spec, tokenizer, tools, args.system, args.max_new_tokens,

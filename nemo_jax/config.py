@@ -26,6 +26,42 @@ MAX_DOCUMENTS_PER_ROW = 63
 
 DTYPES = ("float32", "bfloat16")
 
+# The one table of what LoRA, FP8 and NF4 target: each projection's block in the layer tree
+# (params["layers"][block][target]["kernel"], model.py) and its module under model.layers.{i} in the
+# HF layout (PEFT's target_modules, compressed-tensors' module names). FP8 can also target lm_head.
+PROJECTIONS = {
+    "q": ("attention", "self_attn.q_proj"),
+    "k": ("attention", "self_attn.k_proj"),
+    "v": ("attention", "self_attn.v_proj"),
+    "o": ("attention", "self_attn.o_proj"),
+    "gate": ("mlp", "mlp.gate_proj"),
+    "up": ("mlp", "mlp.up_proj"),
+    "down": ("mlp", "mlp.down_proj"),
+}
+
+
+def block_of(target: str) -> str:
+    """"attention" or "mlp": the layer sub-tree holding a projection."""
+    return PROJECTIONS[target][0]
+
+
+def kernel_path(target: str) -> tuple[str, ...]:
+    """The param-tree path of a target's kernel (lm_head included)."""
+    return ("lm_head", "kernel") if target == "lm_head" else ("layers", block_of(target), target, "kernel")
+
+
+def target_at(path: tuple[str, ...]) -> str | None:
+    """The target whose kernel sits at `path` (a checkpoint leaf's path), or None."""
+    return _TARGET_AT.get(tuple(path))
+
+
+def hf_module(target: str, layer: int | None) -> str:
+    """A target's module name in HF checkpoints (`model.layers.3.self_attn.q_proj`, `lm_head`)."""
+    return "lm_head" if target == "lm_head" else f"model.layers.{layer}.{PROJECTIONS[target][1]}"
+
+
+_TARGET_AT = {kernel_path(t): t for t in (*PROJECTIONS, "lm_head")}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

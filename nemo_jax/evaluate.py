@@ -1,5 +1,5 @@
-"""eval.py's library side: held-out loss / perplexity per split for any checkpoint kind
-(`--task tool-calls` goes to tool_eval.py)."""
+"""eval.py's library side: held-out loss / perplexity per split for any checkpoint kind, and the
+loading both eval tasks and chat share (`--task tool-calls` is tool_eval.py, which imports this)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 from nemo_jax import preference as PF
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
+from nemo_jax.checkpoint.runs import default_mesh, load_run, load_run_fp8
 from nemo_jax.errors import UserError
 from nemo_jax.run_config import eval_split_name
 
@@ -21,13 +22,15 @@ DEFAULT_SEQ_LEN = 2048
 DEFAULT_BATCH = 8
 
 
-def _run_config(args):
+def run_config_of(checkpoint: str, config: str | None = None):
+    """The RunConfig that sets the defaults of an evaluation or a chat: `--config`'s, else the run's own
+    config.yaml when `checkpoint` is a training run directory, else None."""
     from nemo_jax.run_config import load_config
 
-    if args.config:
-        return load_config(args.config)
-    run_cfg = Path(args.checkpoint) / "config.yaml"
-    if (Path(args.checkpoint) / "run.json").exists() and run_cfg.exists():
+    if config:
+        return load_config(config)
+    run_cfg = Path(checkpoint) / "config.yaml"
+    if (Path(checkpoint) / "run.json").exists() and run_cfg.exists():
         return load_config(run_cfg)
     return None
 
@@ -35,8 +38,6 @@ def _run_config(args):
 def eval_mesh(flag: str | None, cfg):
     """The mesh to evaluate on: `--mesh` (e.g. "fsdp=8", "data=2,tensor=4"), else the run's / --config's
     mesh if it fits the devices there are, else the first device alone."""
-    from nemo_jax.trainer import default_mesh
-
     if flag:
         return S.make_mesh(**S.parse_mesh(flag, "--mesh"))
     if cfg is not None:
@@ -64,8 +65,6 @@ def check_eval_shape(mesh, batch_size: int, seq_len: int) -> None:
 def load_for_eval(path: str, dtype: str | None, mesh=None):
     """(config, params, lora_params, lora spec) from a run directory or any model checkpoint, laid out
     on `mesh` (default: the first device) by the training rules. `dtype` is the compute dtype."""
-    from nemo_jax.trainer import default_mesh, load_run
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"--checkpoint {path}: no such file or directory")
@@ -107,7 +106,7 @@ def load_fp8_for_eval(path: str, params, mesh=None):
     FP8 model (quantised inputs and weights, the trained scales; an FP8-stored base quantised as in
     training); else (params, None)."""
     from nemo_jax import fp8 as F8
-    from nemo_jax.trainer import fp8_eval_spec, load_run_fp8
+    from nemo_jax.trainer import fp8_eval_spec
 
     if not (Path(path) / "run.json").exists():
         return params, None
@@ -128,7 +127,7 @@ def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len,
     reference model: a LoRA run's base, else `reference` (the params a full fine-tuning started
     from); `dpo`: the TL.DpoSpec (beta) to score with."""
     from nemo_jax.data import make_eval_batches
-    from nemo_jax.trainer import default_mesh, evaluate
+    from nemo_jax.trainer import evaluate
 
     mesh = mesh if mesh is not None else default_mesh()
     check_eval_shape(mesh, batch_size, seq_len)
@@ -194,15 +193,15 @@ def write_results(results: dict, out: str | None) -> None:
 
 
 def main_eval(args) -> dict:
-    from nemo_jax.trainer import tokenizer_for
+    """eval.py --task loss (tool_eval.main_tool_eval is --task tool-calls)."""
+    from nemo_jax.tokenizer import tokenizer_for
 
-    if getattr(args, "task", "loss") == "tool-calls":
-        from nemo_jax.tool_eval import main_tool_eval
-
-        return main_tool_eval(args)
+    if getattr(args, "task", "loss") != "loss":
+        raise UserError(f"--task {args.task}: main_eval scores held-out loss; --task tool-calls is "
+                        "nemo_jax.tool_eval.main_tool_eval")
     if getattr(args, "max_new_tokens", None) is not None:
         raise UserError("--max-new-tokens applies to --task tool-calls only")
-    cfg = _run_config(args)
+    cfg = run_config_of(args.checkpoint, args.config)
     seq_len = args.seq_len or (cfg.train.seq_len if cfg else DEFAULT_SEQ_LEN)
     batch_size = args.batch_size or (cfg and (cfg.train.micro_batch_size or cfg.train.batch_size)) or DEFAULT_BATCH
     dtype = args.dtype or (cfg.model.dtype if cfg else None)

@@ -74,6 +74,7 @@ import numpy as np
 from flax.linen.fp8_ops import fp32_max_grad
 
 from nemo_jax import backend
+from nemo_jax.config import PROJECTIONS, block_of
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
@@ -81,8 +82,8 @@ E5M2 = jnp.float8_e5m2
 RECIPES = ("delayed", "current")
 # Matmuls that can be quantised: the seven LoRA targets and, off by default, the LM head (forward
 # only: the fused cross-entropy never materialises the logits' gradient to quantise it).
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
-DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = (*PROJECTIONS, "lm_head")
+DEFAULT_TARGETS = tuple(PROJECTIONS)
 SHARED_GROUPS = (("q", "k", "v"), ("gate", "up"))
 
 
@@ -400,14 +401,10 @@ def history_of(state: dict) -> np.ndarray:
 
 # --- weights -----------------------------------------------------------------------------------------
 
-_BLOCK = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
-          "gate": "mlp", "up": "mlp", "down": "mlp"}
-
-
 def _kernel(params: dict, target: str):
     if target == "lm_head":
         return params["lm_head"]["kernel"]
-    return params["layers"][_BLOCK[target]][target]["kernel"]
+    return params["layers"][block_of(target)][target]["kernel"]
 
 
 def weight_scales(params: dict, spec: Fp8Spec) -> dict:
@@ -441,8 +438,8 @@ def quantize_base(params: dict, state: dict, spec: Fp8Spec) -> tuple[dict, dict]
             params["lm_head"]["kernel"] = q
             state["lm_head_fp8"]["weight_scale"] = s
         else:
-            params["layers"][_BLOCK[t]][t]["kernel"] = q
-            state["layers"][_BLOCK[t]][t]["weight_scale"] = s
+            params["layers"][block_of(t)][t]["kernel"] = q
+            state["layers"][block_of(t)][t]["weight_scale"] = s
     return params, state
 
 
@@ -450,4 +447,4 @@ def site_state(state: dict, target: str) -> dict:
     """The state of one target's Linear: {x: meta, g: meta, [weight_scale]} ([L]-stacked)."""
     if target == "lm_head":
         return state["lm_head_fp8"]
-    return state["layers"][_BLOCK[target]][target]
+    return state["layers"][block_of(target)][target]

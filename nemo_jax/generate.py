@@ -38,7 +38,8 @@ from nemo_jax.errors import UserError
 PAD_ID = 0  # written into padding slots; they are masked, so any id would do
 
 
-def _check_sampling(temperature, top_k, top_p):
+def check_sampling(temperature, top_k, top_p):
+    """A UserError naming the first sampling knob out of range."""
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
         raise UserError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
@@ -130,7 +131,7 @@ def generate(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]]
     Greedy by default; `temperature` > 0 samples, after top-k and top-p filtering, reproducibly for a
     given `seed` and batch. `lora_params`/`lora` apply a LoRA adapter without merging it.
     """
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         return []

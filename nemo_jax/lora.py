@@ -24,18 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemo_jax import model as M
-from nemo_jax.config import ModelConfig
+from nemo_jax.config import PROJECTIONS, ModelConfig
 
-# our target -> (sub-tree, HF module path under model.layers.{i})
-TARGET_PATHS = {
-    "q": ("attention", "self_attn.q_proj"),
-    "k": ("attention", "self_attn.k_proj"),
-    "v": ("attention", "self_attn.v_proj"),
-    "o": ("attention", "self_attn.o_proj"),
-    "gate": ("mlp", "mlp.gate_proj"),
-    "up": ("mlp", "mlp.up_proj"),
-    "down": ("mlp", "mlp.down_proj"),
-}
 
 
 def init_lora(config: ModelConfig, spec: M.LoraSpec, rng) -> dict:
@@ -49,7 +39,7 @@ def lora_logical_axes(config: ModelConfig, spec: M.LoraSpec):
     return M.logical_axes(config, spec)["lora"]
 
 
-def _delta(a, b, scale):
+def delta(a, b, scale):
     """(scale * A B) with A: [L, *in, R], B: [L, R, *out] -> [L, *in, *out], in float32."""
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
@@ -63,10 +53,10 @@ def merge(params: dict, lora_params: dict, spec: M.LoraSpec) -> dict:
     """Base params with each adapter folded in (W + (alpha/r) A B), in the base's dtype."""
     layers = dict(params["layers"])
     for target in spec.targets:
-        sub, _ = TARGET_PATHS[target]
+        sub, _ = PROJECTIONS[target]
         ab = lora_params["layers"][sub][target]
         w = layers[sub][target]["kernel"]
-        merged = (jnp.asarray(w, jnp.float32) + _delta(ab["a"], ab["b"], spec.scale)).astype(w.dtype)
+        merged = (jnp.asarray(w, jnp.float32) + delta(ab["a"], ab["b"], spec.scale)).astype(w.dtype)
         layers[sub] = {**layers[sub], target: {"kernel": merged}}
     return {**params, "layers": layers}
 
@@ -75,7 +65,7 @@ def to_peft_tensors(lora_params: dict, spec: M.LoraSpec) -> dict[str, np.ndarray
     """PEFT's tensor names and orientation, float32 numpy."""
     out = {}
     for target in spec.targets:
-        sub, hf = TARGET_PATHS[target]
+        sub, hf = PROJECTIONS[target]
         a = np.asarray(lora_params["layers"][sub][target]["a"], np.float32)  # [L, *in, R]
         b = np.asarray(lora_params["layers"][sub][target]["b"], np.float32)  # [L, R, *out]
         L, R = a.shape[0], a.shape[-1]
@@ -94,7 +84,7 @@ def peft_adapter_config(spec: M.LoraSpec, base_model: str) -> dict:
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": sorted(TARGET_PATHS[t][1].split(".")[-1] for t in spec.targets),
+        "target_modules": sorted(PROJECTIONS[t][1].split(".")[-1] for t in spec.targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,

@@ -42,10 +42,10 @@ from nemo_jax import backend
 from nemo_jax import fp8 as F8
 from nemo_jax import nf4 as NF4
 from nemo_jax.attention import attention
-from nemo_jax.config import ModelConfig
+from nemo_jax.config import PROJECTIONS, ModelConfig
 from nemo_jax.sharding import constrain
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGETS = tuple(PROJECTIONS)
 
 # Remat policies selectable by name; applied to the scanned block.
 REMAT_POLICIES = {

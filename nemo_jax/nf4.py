@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemo_jax.config import block_of, kernel_path, target_at
+
 BLOCK = 64
 NESTED_BLOCK = 256
 
@@ -174,16 +176,13 @@ def quantized_shapes(n: int, n_layers: int, double_quant: bool) -> dict:
 LOGICAL_AXES = {"codes": ("layers", "quant_blocks"), "absmax": ("layers", "quant_blocks"),
                 "nested_absmax": ("layers", "quant_blocks"), "offset": ("layers",)}
 
-# target -> the block sub-tree holding its kernel (model.py's layout)
-BLOCK_OF = {"q": "attention", "k": "attention", "v": "attention", "o": "attention",
-            "gate": "mlp", "up": "mlp", "down": "mlp"}
 N_IN = {"o": 2}  # o's kernel [N, H, D] has two input axes; the others one
 
 
 def _map_targets(fn, tree, targets):
     layers = {sub: dict(v) for sub, v in tree["layers"].items()}
     for t in targets:
-        layers[BLOCK_OF[t]][t] = fn(t, layers[BLOCK_OF[t]][t])
+        layers[block_of(t)][t] = fn(t, layers[block_of(t)][t])
     return {**tree, "layers": layers}
 
 
@@ -215,15 +214,15 @@ def restore_quantized(source, leaves, targets_abs: dict, quant_sh: dict, targets
     in full precision, quantised there and freed, so the full-precision base never exists whole.
     `targets_abs`: the full-precision abstract params with their shardings; `quant_sh`: the
     quantised tree's shardings."""
-    path_of = {t: ("layers", BLOCK_OF[t], t, "kernel") for t in targets}
+    path_of = {t: kernel_path(t) for t in targets}
     params = source.restore(targets_abs, leaves=[leaf for leaf in leaves if leaf.path not in path_of.values()])
     params = {**params, "layers": {sub: dict(v) for sub, v in params.get("layers", {}).items()}}
     for t in targets:
         leaf = next(leaf for leaf in leaves if leaf.path == path_of[t])
-        kernel = source.restore(targets_abs, leaves=[leaf])["layers"][BLOCK_OF[t]][t]["kernel"]
-        params["layers"].setdefault(BLOCK_OF[t], {})[t] = jax.jit(
+        kernel = source.restore(targets_abs, leaves=[leaf])["layers"][block_of(t)][t]["kernel"]
+        params["layers"].setdefault(block_of(t), {})[t] = jax.jit(
             lambda k, t=t: quantize_kernel(k, N_IN.get(t, 1), double_quant),
-            out_shardings=quant_sh["layers"][BLOCK_OF[t]][t])(kernel)
+            out_shardings=quant_sh["layers"][block_of(t)][t])(kernel)
         del kernel
     return params
 
@@ -255,7 +254,6 @@ def read_bnb_checkpoint(directory, leaves, shapes: dict, targets: tuple[str, ...
         f = safe_open(str(p), "numpy")
         files.update({k: f for k in f.keys()})
     get = lambda name: files[name].get_tensor(name)  # noqa: E731
-    target_of = {("layers", BLOCK_OF[t], t, "kernel"): t for t in BLOCK_OF}
     out = {}
     for leaf in leaves:
         shape = shapes[leaf.path]
@@ -275,7 +273,7 @@ def read_bnb_checkpoint(directory, leaves, shapes: dict, targets: tuple[str, ...
                     q |= {"nested_absmax": get(f"{n}.nested_absmax"), "offset": np.float32(state["nested_offset"])}
                 per.append(q)
             nested = "nested_absmax" in per[0]
-            t = target_of.get(leaf.path)
+            t = target_at(leaf.path)
             if t in targets and nested == double_quant:
                 out[leaf.path] = {k: np.stack([q[k] for q in per]) for k in per[0]}
                 continue

@@ -30,7 +30,6 @@ import numpy as np
 from nemo_jax import model as M
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
-from nemo_jax.config import ModelConfig, preset
 from nemo_jax.errors import UserError
 
 GiB = 1024**3
@@ -42,32 +41,6 @@ def parse_bytes(text: str) -> int:
         raise UserError(f"--device-memory: expected a size like 80GB or 141GiB, got {text!r}")
     scale = {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}[m.group(2).upper()]
     return int(float(m.group(1)) * scale)
-
-
-def model_config_for(cfg) -> ModelConfig:
-    """The architecture from the checkpoint's metadata (headers only) or the preset."""
-    if cfg.model.checkpoint:
-        from nemo_jax.checkpoint import load_abstract
-        from nemo_jax.hub import model_config  # a Hub id: config.json alone, or the built-in NeMo architecture
-
-        config = model_config(cfg.model.checkpoint) or _bnb_4bit_config(cfg.model.checkpoint) or load_abstract(
-            cfg.model.checkpoint)[0]
-    else:
-        config = preset(cfg.model.preset)
-    return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-
-
-def _bnb_4bit_config(path) -> ModelConfig | None:
-    """The architecture of a local bitsandbytes-4bit HF directory (its weights are no plain checkpoint)."""
-    import json
-    from pathlib import Path
-
-    from nemo_jax import nf4
-    from nemo_jax.config import from_hf_config
-
-    if not (Path(path).is_dir() and nf4.bnb_4bit_config(path)):
-        return None
-    return from_hf_config(json.loads((Path(path) / "config.json").read_text()))
 
 
 def planned_devices(cfg, target: str, num_processes: int | None):
@@ -99,7 +72,7 @@ class CompiledStep:
 
 
 def compile_step(cfg, target: str | None = None, num_processes: int | None = None) -> CompiledStep:
-    from nemo_jax.trainer import check_run_config, make_layout
+    from nemo_jax.trainer import check_run_config, make_layout, model_config_for
 
     config = model_config_for(cfg)
     if target:

@@ -95,6 +95,11 @@ def tree_shardings(logical_tree, abstract_tree, mesh: Mesh):
         logical_tree, abstract_tree, is_leaf=lambda x: isinstance(x, P))
 
 
+def with_shardings(abstract_tree, shardings):
+    """The tree's ShapeDtypeStructs carrying these shardings (what restores read straight into)."""
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract_tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh))
 

@@ -94,6 +94,15 @@ def load_tokenizer(path: str | os.PathLike | None = None, vocab_size: int | None
     return Tokenizer.from_file(default_tokenizer_path() if path is None else path, vocab_size=vocab_size)
 
 
+def tokenizer_for(config, path: str | os.PathLike | None) -> "Tokenizer":
+    """The tokenizer for a model (a ModelConfig): cut to the model's vocabulary when the model's is
+    smaller (the demo's 8192 ids)."""
+    tokenizer = load_tokenizer(path)
+    if config.vocab_size < tokenizer.vocab_size:
+        tokenizer = load_tokenizer(path, vocab_size=config.vocab_size)
+    return tokenizer
+
+
 class Tokenizer:
     """Tekken tokenizer: text <-> ids, plus the V3 chat format. Build it with `load_tokenizer`."""
 
@@ -409,7 +418,8 @@ def _normalize(msgs: list[dict]) -> tuple[list[dict], str | None]:
     return turns, "\n\n".join(system) if system else None
 
 
-def _tools_json(tools) -> str:
+def tools_json(tools) -> str:
+    """The [AVAILABLE_TOOLS] JSON of a tool list, checked (a UserError names the bad tool)."""
     if not isinstance(tools, list):
         raise UserError(f"tools: must be a list, got {type(tools).__name__}")
     out = []
@@ -437,7 +447,7 @@ def _encode_conversation(tok: Tokenizer, messages, tools, training: bool) -> tup
     msgs = [_parse_message(i, m, training) for i, m in enumerate(messages)]
     _check_structure(msgs, training)
     turns, system = _normalize(msgs)
-    tools_json = _tools_json(tools) if tools else None
+    available = tools_json(tools) if tools else None
     sp = tok.special_id
     last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
     ids, mask = [tok.bos_id], [False]
@@ -446,8 +456,8 @@ def _encode_conversation(tok: Tokenizer, messages, tools, training: bool) -> tup
             new = []
             text = turn["text"]
             if i == last_user:
-                if tools_json:
-                    new += [sp("[AVAILABLE_TOOLS]"), *tok.encode(tools_json), sp("[/AVAILABLE_TOOLS]")]
+                if available:
+                    new += [sp("[AVAILABLE_TOOLS]"), *tok.encode(available), sp("[/AVAILABLE_TOOLS]")]
                 if system:
                     text = system + "\n\n" + text
             new += [sp("[INST]"), *tok.encode(text), sp("[/INST]")]

@@ -244,10 +244,10 @@ def format_table(results: dict) -> str:
 
 def main_tool_eval(args) -> dict:
     """eval.py --task tool-calls."""
-    from nemo_jax.evaluate import _run_config, eval_mesh, load_for_eval, write_results
-    from nemo_jax.trainer import tokenizer_for
+    from nemo_jax.evaluate import eval_mesh, load_for_eval, run_config_of, write_results
+    from nemo_jax.tokenizer import tokenizer_for
 
-    cfg = _run_config(args)
+    cfg = run_config_of(args.checkpoint, args.config)
     batch_size = args.batch_size or (cfg and (cfg.train.micro_batch_size or cfg.train.batch_size)) or DEFAULT_BATCH
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     if batch_size < 1 or max_new < 1:

@@ -1,4 +1,4 @@
-"""The training loop: optimizer, jitted step, checkpoints with exact resume, metrics.
+"""The training loop: optimizer, jitted step, throughput, stop signals.
 
 One step = `batch_size` sequences, split into micro-batches that are scanned inside the jitted
 step (gradient accumulation without a Python loop). Gradients and loss are token-weighted sums
@@ -9,37 +9,27 @@ What is trained is `trainable`: the whole param tree for full fine-tuning, or on
 adapters, in which case the base (`frozen`) is an argument of the step with no gradient and no
 optimizer state.
 
-A run directory (`output_dir`) holds:
-    run.json            what the run is: model config, LoRA spec, base checkpoint reference
-    config.yaml         the resolved run config
-    checkpoints/<step>/ orbax: `state` (step, trainable, opt_state, rng) and `meta` (data iterator
-                        state, config); orbax writes each into a temporary directory and renames it
-                        when complete, so resume never picks up a half-written step
-    metrics.jsonl, tb/, loss.png
-Re-running the same command resumes from the newest complete checkpoint.
+The state `init_state` builds is what a run directory's checkpoints hold (checkpoint/runs.py:
+the layout, saving, exact resume and reading a run back).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from nemo_jax import fp8 as F8
 from nemo_jax import model as M
 from nemo_jax import sharding as S
 from nemo_jax.config import ModelConfig
-from nemo_jax.errors import UserError
 from nemo_jax.losses import chunked_kl_sum, chunked_nll_sum, chunked_token_logp, token_count
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -382,59 +372,6 @@ def state_shardings(opt, trainable_abstract, trainable_shardings, mesh, fp8_abst
     return out
 
 
-def checkpoint_manager(run_dir: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options,
-                                 item_names=("state", "meta"))
-
-
-def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: dict, meta: dict, force=False) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              force=force)
-
-
-def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, dict]:
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                              meta=ocp.args.JsonRestore()))
-    except ValueError as e:  # orbax: tree structure or shape of the saved state differs from this run's
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{mngr.directory}/{step}: this checkpoint does not fit the run being resumed ({first}); "
-                        "it was written with other model / LoRA / FP8 / optimizer settings or an older nemo_jax. "
-                        "Use a new output_dir (or remove its checkpoints/) to start afresh") from None
-    return restored["state"], restored["meta"]
-
-
-def read_checkpoint_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
-    """A checkpoint's meta (step, data iterator state, resolved config) alone, without its arrays."""
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
-def restore_arrays(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dict:
-    """Only `targets`' parts of a checkpoint's state (e.g. {"trainable": tree}), each array read
-    straight into its ShapeDtypeStruct's sharding and dtype, whatever mesh or process count wrote it;
-    the rest (the optimizer's moments, twice the model) is not read at all."""
-    restore_args = jax.tree.map(
-        lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape), targets)
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=targets, restore_args=restore_args, partial_restore=True)))
-    except (ValueError, KeyError) as e:  # orbax: a part or a shape this checkpoint does not have
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{mngr.directory}/{step}: the checkpoint does not hold the {'/'.join(targets)} its "
-                        f"run.json describes ({first})") from None
-    return restored["state"]
-
-
-def latest_step(run_dir: Path) -> int | None:
-    ckpt = Path(run_dir) / "checkpoints"
-    if not ckpt.is_dir():
-        return None
-    mngr = ocp.CheckpointManager(ckpt.absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_names=("state", "meta"))
-    return mngr.latest_step()
-
-
 # --- throughput -------------------------------------------------------------------------------------
 
 _PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12}
@@ -539,21 +476,6 @@ class AgreedStop:
             print(f"\nanother process received {signal.Signals(agreed).name}: saving a checkpoint after this step, "
                   f"then stopping", flush=True)
         return agreed or None
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    tmp.replace(path)
-
-
-def read_run_info(run_dir: Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir}: not a training run directory (no run.json)") from None
 
 
 def n_micro(batch_size: int, micro_batch_size: int | None) -> int:

@@ -24,14 +24,16 @@ from nemo_jax import nf4 as NF4
 from nemo_jax import preference as PF
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
-from nemo_jax.config import ModelConfig
+from nemo_jax.checkpoint import runs
+from nemo_jax.checkpoint import load_config
+from nemo_jax.config import ModelConfig, block_of, preset
 from nemo_jax.errors import UserError
 from nemo_jax.hub import model_reference
 from nemo_jax.distributed import is_main_process, peers_fail_fast
-from nemo_jax.plan import model_config_for
 from nemo_jax.metrics import MetricsWriter, NullWriter, plot_losses
 from nemo_jax.records import DataSource
 from nemo_jax.run_config import eval_split_name, parse_source
+from nemo_jax.tokenizer import tokenizer_for
 
 
 def lora_spec(cfg) -> M.LoraSpec | None:
@@ -55,14 +57,11 @@ def fp8_eval_spec(spec: F8.Fp8Spec | None) -> F8.Fp8Spec | None:
     return dataclasses.replace(spec, quantize_grads=False, recipe="delayed") if spec is not None else None
 
 
-def tokenizer_for(config: ModelConfig, path: str | None):
-    """The tokenizer cut to the model's vocabulary when the model's is smaller (the demo's 8192 ids)."""
-    from nemo_jax.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(path)
-    if config.vocab_size < tokenizer.vocab_size:
-        tokenizer = load_tokenizer(path, vocab_size=config.vocab_size)
-    return tokenizer
+def model_config_for(cfg) -> ModelConfig:
+    """The architecture a run config names (its checkpoint's, from metadata alone, or its preset), in
+    the run's dtypes."""
+    config = load_config(cfg.model.checkpoint) if cfg.model.checkpoint else preset(cfg.model.preset)
+    return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
 
 
 def device_batch(batch: dict, sharding, rows: tuple[int, int] = (0, 1)) -> dict:
@@ -170,17 +169,17 @@ class Layout:
         """The state as checkpoints hold it (stacked layers)."""
         trainable = self.abstract_trainable()
         state = jax.eval_shape(lambda t: TL.init_state(t, self.opt, 0, self.init_fp8()), trainable)
-        return _with_shardings(state, self.ckpt_state_sh)
+        return S.with_shardings(state, self.ckpt_state_sh)
 
     def abstract_step_inputs(self):
         """(state, frozen) as the step takes them (what `init_arrays` returns), allocating nothing."""
-        state = _with_shardings(jax.eval_shape(self.from_checkpoint, self.abstract_state()), self.state_sh)
+        state = S.with_shardings(jax.eval_shape(self.from_checkpoint, self.abstract_state()), self.state_sh)
         frozen = None
         if self.frozen_sh is not None:
             base = self.abstract_params()
             if self.nf4_double_quant is not None:
                 base = NF4.abstract_params(base, self.lora.targets, self.nf4_double_quant)
-            frozen = _with_shardings(jax.eval_shape(self.step_params, base), self.frozen_sh)
+            frozen = S.with_shardings(jax.eval_shape(self.step_params, base), self.frozen_sh)
         return state, frozen
 
     def from_checkpoint(self, state):
@@ -269,10 +268,6 @@ def _map_param_trees(fn, state):
     """fn over a full-fine-tuning state's param-shaped trees: the params and both Adam moments."""
     opt = state["opt_state"]
     return {**state, "trainable": fn(state["trainable"]), "opt_state": opt._replace(mu=fn(opt.mu), nu=fn(opt.nu))}
-
-
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
 
 
 def dpo_spec(cfg) -> TL.DpoSpec | None:
@@ -373,7 +368,7 @@ def restore_nf4(path, layout: Layout, dtype: str | None) -> dict:
         axes = NF4.logical_axes(M.logical_axes(config)["params"], targets, dq)
         return jax.device_put(tree, S.tree_shardings(axes, tree, layout.mesh))
     source = open_checkpoint(path)
-    targets_abs = _with_shardings(source.abstract(dtype), layout.param_sh)
+    targets_abs = S.with_shardings(source.abstract(dtype), layout.param_sh)
     stacked_sh = S.tree_shardings(
         NF4.logical_axes(M.logical_axes(layout.config)["params"], layout.lora.targets, layout.nf4_double_quant),
         NF4.abstract_params(targets_abs, layout.lora.targets, layout.nf4_double_quant), layout.mesh)
@@ -396,7 +391,7 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
                                   out_shardings=(layout.param_sh, jax.tree.map(lambda _: rep, fp8_state)))(
                                       base, fp8_state)
     t0 = layout.lora.targets[0] if layout.lora is not None else None
-    if layout.nf4_double_quant is not None and not NF4.is_quantized(base["layers"][NF4.BLOCK_OF[t0]][t0]):
+    if layout.nf4_double_quant is not None and not NF4.is_quantized(base["layers"][block_of(t0)][t0]):
         base = jax.jit(functools.partial(NF4.quantize_params, targets=layout.lora.targets,
                                          double_quant=layout.nf4_double_quant),
                        out_shardings=layout.frozen_sh if not layout.unstacked else None)(base)
@@ -420,10 +415,10 @@ def train(cfg) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
-    mngr = TL.checkpoint_manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    mngr = runs.checkpoint_manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     start = mngr.latest_step() or 0
     if start:  # before any weights are read: a resume that would mean something else stops here
-        check_resume(TL.read_checkpoint_meta(mngr, start).get("config"), cfg, f"{run_dir / 'checkpoints'}/{start}")
+        check_resume(runs.read_checkpoint_meta(mngr, start).get("config"), cfg, f"{run_dir / 'checkpoints'}/{start}")
     mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence)
     config = model_config_for(cfg)
     check_run_config(cfg, config)
@@ -463,7 +458,7 @@ def train(cfg) -> Path:
             process_count=train_rows[1], num_proc=cfg.data.num_proc)
 
     if start:
-        state, meta = TL.restore_checkpoint(mngr, start, layout.abstract_state())
+        state, meta = runs.restore_checkpoint(mngr, start, layout.abstract_state())
         state = layout.from_checkpoint(state)
         train_iter.restore(meta["data_state"])
         print(f"resuming from step {start} in {run_dir / 'checkpoints'}", flush=True)
@@ -481,7 +476,7 @@ def train(cfg) -> Path:
     }
     main = is_main_process()  # one writer of run files and metrics in a multi-host run
     if main:
-        TL.write_json_atomic(run_dir / "run.json", run_info)
+        runs.write_json_atomic(run_dir / "run.json", run_info)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     batch_sh = S.batch_sharding(mesh)
@@ -521,7 +516,7 @@ def train(cfg) -> Path:
 
     def save(step, force=False):
         meta = {"step": step, "data_state": train_iter.state(), "config": cfg.to_dict()}
-        TL.save_checkpoint(mngr, step, layout.to_checkpoint(state), meta, force=force)
+        runs.save_checkpoint(mngr, step, layout.to_checkpoint(state), meta, force=force)
 
     writer = MetricsWriter(run_dir, start) if main else NullWriter()
     flops_tok = TL.flops_per_token(config, tc.seq_len, spec_lora is not None)
@@ -583,94 +578,3 @@ def train(cfg) -> Path:
           + (f", {plot.name}" if plot else ""), flush=True)
     return run_dir
 
-
-# --- reading a run back ------------------------------------------------------------------------------
-#
-# Everything that uses a finished (or stopped) run reads it through these: eval.py, export, nemo_jax.load,
-# chat. They read only parameters (the model or the adapters, and the FP8 scales), never the optimizer
-# state, each array straight into the shardings of the mesh asked for (by default the first device), so
-# a run trained on any mesh and any number of hosts is usable from any device count.
-
-
-def read_run(run_dir) -> tuple[ModelConfig, M.LoraSpec | None, F8.Fp8Spec | None]:
-    """(ModelConfig, LoraSpec or None, Fp8Spec or None) of a run, from its run.json alone."""
-    run_dir = Path(run_dir)
-    info = TL.read_run_info(run_dir)
-    config = ModelConfig.from_dict(info["model"], source=str(run_dir / "run.json"))
-    spec = M.LoraSpec(**{**info["lora"], "targets": tuple(info["lora"]["targets"])}) if info["lora"] else None
-    fp8 = F8.Fp8Spec(**{**info["fp8"], "targets": tuple(info["fp8"]["targets"])}) if info.get("fp8") else None
-    return config, spec, fp8
-
-
-def run_checkpoint(run_dir, step=None):
-    """(checkpoint manager, step) of a run's newest complete checkpoint, or of `step`."""
-    mngr = TL.checkpoint_manager(Path(run_dir), keep=1 << 30, async_save=False)
-    step = step if step is not None else mngr.latest_step()
-    if step is None:
-        raise UserError(f"{run_dir}: the run has no complete checkpoint yet")
-    if step not in mngr.all_steps():
-        raise UserError(f"{run_dir}: no checkpoint of step {step} (there are {sorted(mngr.all_steps())})")
-    return mngr, step
-
-
-def default_mesh():
-    """The first device alone: where a run is read when no mesh is asked for."""
-    return S.make_mesh(devices=jax.devices()[:1])
-
-
-def load_run(run_dir, dtype=None, step=None, mesh=None):
-    """(ModelConfig, base params, lora params or None, LoraSpec or None) of a run's newest checkpoint
-    (or `step`'s), laid out on `mesh` (default: the first device) by the training rules.
-
-    `dtype` sets the model's param dtype (a LoRA run's adapters stay float32, as trained). A LoRA
-    run's base is read again from the checkpoint run.json names, or re-initialised from its seed.
-    """
-    run_dir = Path(run_dir)
-    config, spec, _ = read_run(run_dir)
-    mesh = mesh if mesh is not None else default_mesh()
-    mngr, step = run_checkpoint(run_dir, step)
-    axes, abstract = M.logical_axes(config, spec), M.abstract_variables(config, spec)
-    param_sh = S.tree_shardings(axes["params"], abstract["params"], mesh)
-    out = config.replace(param_dtype=dtype) if dtype is not None else config
-    if spec is None:
-        target = _with_shardings(_with_dtype(abstract["params"], out.param_dtype), param_sh)
-        return out, TL.restore_arrays(mngr, step, {"trainable": target})["trainable"], None, None
-    lora_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
-    target = _with_shardings(_with_dtype(abstract["lora"], jnp.float32), lora_sh)
-    lora_params = TL.restore_arrays(mngr, step, {"trainable": target})["trainable"]
-    base = TL.read_run_info(run_dir)["base"]
-    if base["checkpoint"]:
-        from nemo_jax.checkpoint import restore
-
-        _, params = restore(base["checkpoint"], param_sh, dtype=out.param_dtype)
-    else:  # as init_arrays made it: the run's own param dtype, then cast
-        base_rng, _ = jax.random.split(jax.random.key(base["seed"]))
-        params = jax.jit(lambda r: M.init_params(config, r)["params"], out_shardings=param_sh)(base_rng)
-        if out.param_dtype != config.param_dtype:
-            params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(out.param_dtype), p),
-                             out_shardings=param_sh)(params)
-    return out, params, lora_params, spec
-
-
-def load_run_fp8(run_dir, step=None, mesh=None) -> tuple[F8.Fp8Spec | None, dict | None]:
-    """(Fp8Spec, FP8 scaling state, replicated on `mesh`) of a QAT run's newest checkpoint (or `step`'s);
-    (None, None) for other runs."""
-    config, lora, spec = read_run(run_dir)
-    if spec is None:
-        return None, None
-    mngr, step = run_checkpoint(run_dir, step)
-    rep = S.replicated(mesh if mesh is not None else default_mesh())
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          jax.eval_shape(lambda: M.init_fp8(config, spec, lora)[0]))
-    return spec, TL.restore_arrays(mngr, step, {"fp8": target})["fp8"]
-
-
-def load_run_merged(run_dir, dtype=None):
-    config, params, lora_params, spec = load_run(run_dir, dtype)
-    if spec is not None:
-        params = lora_lib.merge(params, lora_params, spec)
-    return config, params
-
-
-def _with_dtype(abstract, dtype):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)), abstract)

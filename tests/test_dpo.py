@@ -227,7 +227,7 @@ def test_planner_counts_the_full_fine_tuning_reference():
         return compile_step(cfg).compiled.memory_analysis().argument_size_in_bytes, cfg
 
     (sft, cfg), (dpo, _) = arguments("sft"), arguments("dpo")
-    from nemo_jax.plan import model_config_for
+    from nemo_jax.trainer import model_config_for
 
     params = M.count_params(M.abstract_variables(model_config_for(cfg))["params"]) * 4  # float32
     assert dpo - sft == params  # the frozen copy of the starting weights, nothing else

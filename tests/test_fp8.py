@@ -248,7 +248,7 @@ def test_hf_fp8_export_loads_in_transformers_with_our_logits(runs, tmp_path, kin
     from nemo_jax.checkpoint.fp8_io import load_fp8_export
     from nemo_jax.checkpoint.safetensors_io import SafetensorsFile
     from nemo_jax.evaluate import load_fp8_for_eval
-    from nemo_jax.trainer import load_run
+    from nemo_jax.checkpoint.runs import load_run
 
     qat = runs[2] if kind == "full" else runs[1]
     out = tmp_path / "fp8"
@@ -396,7 +396,7 @@ def test_qat_resume_is_exact(tmp_path):
     # resuming that run without FP8 (its checkpoint has a scaling state this run has not): a clear error
     with pytest.raises(UserError, match="resuming would change what the checkpoint means: fp8.enabled true -> false"):
         train(tmp_path / "part", "train.schedule=constant", "train.steps=8")
-    from nemo_jax.trainer import load_run_fp8
+    from nemo_jax.checkpoint.runs import load_run_fp8
 
     a, b = load_run_fp8(tmp_path / "full")[1], load_run_fp8(tmp_path / "part")[1]
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -427,7 +427,7 @@ def test_forward_only_qat_leaves_gradients_unrounded(tmp_path):
     assert diff > 0
     # and through the config: a forward-only QAT run trains, and its checkpointed state has no g sites
     train(tmp_path / "fo", "fp8.enabled=true", "fp8.quantize_grads=false", "fp8.amax_history=4", "train.steps=2")
-    from nemo_jax.trainer import load_run_fp8
+    from nemo_jax.checkpoint.runs import load_run_fp8
 
     st = load_run_fp8(tmp_path / "fo")[1]
     assert "g" not in st["layers"]["mlp"]["up"] and float(np.asarray(st["layers"]["mlp"]["up"]["x"]["scale"]).max()) != 1.0

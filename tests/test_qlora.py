@@ -125,7 +125,7 @@ def test_qlora_run_trains_and_its_peft_export_loads_in_peft(base, tmp_path):
                         "--format", "peft"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     # PEFT on the bf16 base's NF4 round trip (bitsandbytes') is our NF4 model with the run's adapters
-    from nemo_jax.trainer import load_run
+    from nemo_jax.checkpoint.runs import load_run
 
     spec = M.LoraSpec(rank=4, alpha=32.0)
     adapters = load_run(run)[2]
@@ -156,7 +156,7 @@ def test_bitsandbytes_4bit_checkpoint_loads_as_is(base):
         "model.preset=null", f"model.checkpoint={tmp / 'bnb4'}", "lora.enabled=true", "lora.rank=4",
         "lora.quantize_base=nf4", "lora.double_quant=true"])
     from nemo_jax import sharding as S
-    from nemo_jax.plan import model_config_for
+    from nemo_jax.trainer import model_config_for
 
     layout = make_layout(cfg, model_config_for(cfg), S.make_mesh())
     q = restore_nf4(cfg.model.checkpoint, layout, "float32")

@@ -15,102 +15,27 @@ and all give the same param tree (model.py's docstring; name tables in layout.py
 Everything streams: a conversion holds one stacked tensor (plus one layer) in memory, never the
 model (sources.py reads leaf by leaf, export.py writes tensor by tensor).
 
-Extension points: `resolve_checkpoint` (orbax_io.py) maps any path that is not an HF/Mistral
-directory to a `Source`, so a training run directory can be made loadable and exportable there
-(`ParamsSource` wraps weights already in memory); `EXPORTERS` (export.py) maps `--format` names
-to writer functions.
+Extension points: `PATH_SOURCES` (orbax_io.py) maps a path that is neither an HF/Mistral directory
+nor an orbax checkpoint to a `Source`; this package registers training run directories there
+(runs.py), so they are loadable and exportable (`ParamsSource` wraps weights already in memory).
+`EXPORTERS` (export.py) maps `--format` names to writer functions.
+
+The functions live in submodules (loading.py: the front door above; runs.py: run directories), which
+import each other, never this file.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Callable
-
-import jax
-
+from nemo_jax.checkpoint import orbax_io, runs
 from nemo_jax.checkpoint.export import EXPORTERS, ExportOptions, export_checkpoint
-from nemo_jax.checkpoint.orbax_io import (OrbaxSource, StreamingWriter, import_checkpoint, is_checkpoint,
-                                          resolve_checkpoint, save_orbax)
-from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, HF_SINGLE, MISTRAL_FILE, MISTRAL_PARAMS,
-                                         ParamsSource, SafetensorsSource, Source)
-from nemo_jax.config import ModelConfig
-from nemo_jax.errors import UserError
-from nemo_jax.hub import resolve_model
+from nemo_jax.checkpoint.loading import (FORMATS, detect_format, load, load_abstract, load_config, open_checkpoint,
+                                         restore)
+from nemo_jax.checkpoint.orbax_io import OrbaxSource, StreamingWriter, import_checkpoint, resolve_checkpoint, save_orbax
+from nemo_jax.checkpoint.sources import ParamsSource, SafetensorsSource, Source
 
-FORMATS = ("nemo_jax", "hf", "mistral")
-
-__all__ = ["load", "load_abstract", "restore", "save_orbax", "open_checkpoint", "detect_format",
+__all__ = ["load", "load_abstract", "load_config", "restore", "save_orbax", "open_checkpoint", "detect_format",
            "resolve_checkpoint", "import_checkpoint", "export_checkpoint", "ExportOptions", "EXPORTERS",
            "Source", "OrbaxSource", "SafetensorsSource", "ParamsSource", "StreamingWriter", "FORMATS"]
 
-
-def detect_format(path: Path) -> str:
-    """"nemo_jax", "hf" or "mistral", from the files in `path`."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: not found")
-    if not path.is_dir():
-        raise UserError(f"{path}: not a directory (a checkpoint is a directory)")
-    if is_checkpoint(path):
-        return "nemo_jax"
-    if (path / MISTRAL_PARAMS).is_file():
-        if not (path / MISTRAL_FILE).is_file():
-            raise UserError(f"{path / MISTRAL_FILE}: file not found (Mistral checkpoints need {MISTRAL_PARAMS} and "
-                            f"{MISTRAL_FILE}; consolidated .pth files are not supported)")
-        return "mistral"
-    if (path / HF_CONFIG).is_file():
-        if not ((path / HF_SINGLE).is_file() or (path / HF_INDEX).is_file()):
-            raise UserError(f"{path}: has {HF_CONFIG} but no {HF_SINGLE} or {HF_INDEX} "
-                            f"(only safetensors checkpoints are supported)")
-        return "hf"
-    return "nemo_jax"  # resolve_checkpoint decides (e.g. a training run), or says it is not a checkpoint
-
-
-def open_checkpoint(path: Path, fmt: str | None = None) -> Source:
-    """A Source for `path`, detecting the format unless `fmt` says it."""
-    path = resolve_model(path)  # a Hub id -> its downloaded snapshot (nemo_jax/hub.py); local paths as given
-    fmt = fmt or detect_format(path)
-    if fmt == "nemo_jax":
-        return resolve_checkpoint(path)
-    if fmt in ("hf", "mistral"):
-        if not Path(path).is_dir():
-            raise UserError(f"{path}: not found or not a directory")
-        return SafetensorsSource(Path(path), fmt)
-    raise UserError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-
-
-Shardings = Callable[[dict], dict] | dict | jax.sharding.Sharding | None
-
-
-def load_abstract(path: Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """The ModelConfig and the param tree as ShapeDtypeStructs, reading only headers/metadata."""
-    source = open_checkpoint(path)
-    return source.config_for(dtype), source.abstract(dtype)
-
-
-def restore(path: Path, shardings: Shardings = None, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) with each array placed as `shardings` says.
-
-    `shardings`: a function from the abstract param tree to a tree of `jax.sharding.Sharding`, such
-    a tree itself, one Sharding for every leaf, or None for the default device. `dtype` (float32 or
-    bfloat16) casts the weights; None keeps the stored dtype. The config's param_dtype is the dtype
-    of the returned params.
-    """
-    source = open_checkpoint(path)
-    abstract = source.abstract(dtype)
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
-        shardings = shardings(abstract)
-    if isinstance(shardings, jax.sharding.Sharding):
-        shardings = jax.tree.map(lambda _: shardings, abstract)
-    try:
-        targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    except ValueError as e:
-        raise ValueError(f"shardings do not match the param tree: {e}") from None
-    return source.config_for(dtype), source.restore(targets)
-
-
-def load(path: Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) from a nemo_jax, HF or Mistral checkpoint directory; params on one device."""
-    return restore(path, None, dtype)
+# A run directory's newest checkpoint is a checkpoint too (runs.py reads runs; it opens their base
+# checkpoints through loading.py, so it cannot be imported by orbax_io: it is registered here).
+if runs.run_source not in orbax_io.PATH_SOURCES:
+    orbax_io.PATH_SOURCES.append(runs.run_source)

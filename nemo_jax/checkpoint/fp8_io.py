@@ -15,10 +15,9 @@ fp8(W) x weight_scale is bitwise the qdq(W) training saw. Input scales come from
 amax state, or for a model trained without FP8 (post-training quantisation) from a calibration
 pass over `--calibration-data`.
 
-Reading: `parse_quantization` accepts this form and vLLM's `"quant_method": "fp8"` form (the same
-tensors) and refuses what it cannot represent (block-wise or per-channel scales, other bit
-widths); sources.py dequantises such checkpoints on load, and `load_fp8_export` keeps them in FP8
-for an evaluation that simulates the served model.
+Reading: fp8_format.py parses the `quantization_config` (this form and vLLM's); sources.py
+dequantises such checkpoints on load, and `load_fp8_export` keeps them in FP8 for an evaluation
+that simulates the served model.
 """
 
 from __future__ import annotations
@@ -36,109 +35,13 @@ import numpy as np
 from nemo_jax import fp8 as F8
 from nemo_jax.checkpoint import layout
 from nemo_jax.checkpoint.host import Scratch
-from nemo_jax.checkpoint.safetensors_io import SafetensorsFile, Writer
-from nemo_jax.config import ModelConfig, to_hf_config
+from nemo_jax.checkpoint.fp8_format import quantization_config
+from nemo_jax.checkpoint.safetensors_io import Writer
+from nemo_jax.checkpoint.sources import HF_CONFIG, HF_INDEX, SafetensorsSource, progress_bar
+from nemo_jax.config import ModelConfig, target_at, to_hf_config
 from nemo_jax.errors import UserError
 
 E4M3_NP = np.dtype(ml_dtypes.float8_e4m3fn)
-_TARGET_OF_LEAF = {("layers", b, t, "kernel"): t for t, b in F8._BLOCK.items()}
-_TARGET_OF_LEAF[("lm_head", "kernel")] = "lm_head"
-HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
-
-def target_of(leaf: layout.Leaf) -> str | None:
-    return _TARGET_OF_LEAF.get(leaf.path)
-
-
-def module_name(target: str, layer: int | None) -> str:
-    return "lm_head" if target == "lm_head" else f"model.layers.{layer}.{HF_MODULE[target]}"
-
-
-# --- quantization_config -----------------------------------------------------------------------------
-
-
-def _args(dynamic: bool) -> dict:
-    return {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": dynamic,
-            "group_size": None, "block_structure": None, "observer": "minmax", "actorder": None}
-
-
-def quantization_config(config: ModelConfig, targets: tuple[str, ...]) -> dict:
-    """compressed-tensors' description of a static per-tensor FP8 (W8A8) model."""
-    ignore = [] if "lm_head" in targets else ["lm_head"]
-    for t in F8.DEFAULT_TARGETS:
-        if t not in targets:  # a Linear not quantised: listed by name
-            ignore += [module_name(t, i) for i in range(config.n_layers)]
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "global_compression_ratio": None,
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": _args(False),
-                                      "input_activations": _args(False), "output_activations": None,
-                                      "format": "float-quantized"}},
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "sparsity_config": {},
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class Fp8Format:
-    targets: tuple[str, ...]  # which of q/k/v/o/gate/up/down/lm_head are stored in FP8
-    static_inputs: bool  # input_scale tensors present
-
-
-def parse_quantization(qc: dict, config: ModelConfig, source: str) -> Fp8Format:
-    """The FP8 layout a config.json's quantization_config describes, or a one-line refusal."""
-    method = qc.get("quant_method")
-    where = f"{source}: quantization_config"
-    if method == "fp8":  # vLLM / AutoFP8: per-tensor e4m3 weights (+ static input scales)
-        if qc.get("weight_block_size"):
-            raise UserError(f"{where}.weight_block_size: block-wise FP8 scales are not supported "
-                            "(only per-tensor)")
-        scheme = qc.get("activation_scheme", "static")
-        ignore = qc.get("ignored_layers") or qc.get("modules_to_not_convert") or []
-        return Fp8Format(_targets_from_ignore(ignore, config, where), scheme == "static")
-    if method != "compressed-tensors":
-        raise UserError(f"{where}.quant_method: {method!r} is not supported (FP8 checkpoints in the "
-                        "compressed-tensors or fp8 form are)")
-    if qc.get("format") not in ("float-quantized", "naive-quantized", None):
-        raise UserError(f"{where}.format: {qc.get('format')!r} is not supported (float-quantized is)")
-    groups = qc.get("config_groups") or {}
-    if len(groups) != 1:
-        raise UserError(f"{where}.config_groups: expected one group, got {len(groups)}")
-    (name, group), = groups.items()
-    w = group.get("weights") or {}
-    if w.get("type") != "float" or w.get("num_bits") != 8 or w.get("strategy") != "tensor":
-        raise UserError(f"{where}.config_groups.{name}.weights: only 8-bit float per-tensor weights are supported, "
-                        f"got {w.get('num_bits')}-bit {w.get('type')} {w.get('strategy')}")
-    a = group.get("input_activations")
-    if a and (a.get("type") != "float" or a.get("num_bits") != 8 or a.get("strategy") != "tensor"):
-        raise UserError(f"{where}.config_groups.{name}.input_activations: only 8-bit float per-tensor "
-                        "activations are supported")
-    return Fp8Format(_targets_from_ignore(qc.get("ignore") or [], config, where),
-                     bool(a) and not a.get("dynamic", False))
-
-
-def _targets_from_ignore(ignore: list, config: ModelConfig, where: str) -> tuple[str, ...]:
-    import re
-
-    def ignored(name: str) -> bool:
-        for pat in ignore:
-            if pat.startswith("re:") and re.match(pat[3:], name) or pat == name or name.endswith("." + pat):
-                return True
-        return False
-
-    targets = []
-    for t in F8.TARGETS:
-        names = [module_name(t, i) for i in (range(config.n_layers) if t != "lm_head" else [None])]
-        flags = {ignored(n) for n in names}
-        if len(flags) > 1:
-            raise UserError(f"{where}.ignore: {t} is quantised in some layers only; not supported")
-        if not flags.pop():
-            targets.append(t)
-    return tuple(targets)
 
 
 # --- export -------------------------------------------------------------------------------------------
@@ -148,7 +51,7 @@ def _scales_and_inputs(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> t
     """{target: weight scales}, {target: input scales} as numpy ([L] for layer targets)."""
     amaxes = {}  # one leaf in memory at a time; max|W| is exact in any dtype
     for leaf in layout.LEAVES:
-        t = target_of(leaf)
+        t = target_at(leaf.path)
         if t in spec.targets:
             x = source.read_leaf(leaf, "float32")
             amaxes[t] = np.abs(x).max(axis=tuple(range(1, x.ndim)) if leaf.stacked else None)
@@ -170,8 +73,6 @@ def _scales_and_inputs(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> t
 
 
 def export_hf_fp8(source, out: Path, opts) -> None:
-    from nemo_jax.checkpoint.sources import HF_CONFIG, HF_INDEX, progress_bar
-
     config = source.config_for(None)
     run_spec = getattr(source, "fp8_spec", None)
     spec = run_spec or F8.Fp8Spec(recipe="delayed", amax_history=1)
@@ -182,7 +83,7 @@ def export_hf_fp8(source, out: Path, opts) -> None:
 
     entries: list[tuple[str, np.dtype, tuple[int, ...], tuple]] = []  # name, dtype, shape, what
     for leaf, i, name in layout.tensor_names("hf", config):
-        t = target_of(leaf)
+        t = target_at(leaf.path)
         shape = layout.source_shape(leaf, config)
         if t in spec.targets:
             entries.append((name, E4M3_NP, shape, ("weight", leaf, i, t)))
@@ -239,7 +140,7 @@ def calibrate(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> dict:
     from nemo_jax import model as M
     from nemo_jax.data import make_eval_batches
     from nemo_jax.losses import chunked_nll_sum
-    from nemo_jax.trainer import tokenizer_for
+    from nemo_jax.tokenizer import tokenizer_for
 
     params = {}
     for leaf in layout.LEAVES:
@@ -293,12 +194,14 @@ def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, F8.Fp8Spec, dict]:
     """(config, params, spec, state) of an FP8 HF checkpoint, its quantised kernels kept in e4m3 with
     their weight scales and input scales in the state: `forward(..., fp8=spec, fp8_state=state)` is
     the served model's computation (static input quantisation, e4m3 x scale weights)."""
-    from nemo_jax.checkpoint import load
-    from nemo_jax.checkpoint.sources import read_fp8_layout
-
     path = Path(path)
-    config, params = load(path)  # dequantised; the quantised kernels are replaced below
-    fmt, files = read_fp8_layout(path, config)
+    source = SafetensorsSource(path, "hf")
+    if source.fp8 is None:
+        raise UserError(f"{path}: not an FP8 checkpoint (no quantization_config in {HF_CONFIG})")
+    fmt, files, config = source.fp8, source.files, source.config_for(None)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = source.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                         source.abstract(None)))  # dequantised; the quantised kernels replaced below
     if not fmt.static_inputs:
         raise UserError(f"{path}: dynamic activation scales; simulated evaluation needs static input_scale tensors")
     spec = F8.Fp8Spec(recipe="delayed", amax_history=1, targets=fmt.targets, base_fp8=True, quantize_grads=False)
@@ -307,7 +210,7 @@ def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, F8.Fp8Spec, dict]:
     state = jax.tree.map(lambda x: x, state)
     scratch = Scratch()
     for leaf in layout.LEAVES:
-        t = target_of(leaf)
+        t = target_at(leaf.path)
         if t not in fmt.targets:
             continue
         layers = range(config.n_layers) if leaf.stacked else [None]

@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -88,22 +88,27 @@ def is_checkpoint(path: Path) -> bool:
         return False
 
 
+# Functions from a path to its Source, or None when it is not theirs: the kinds of nemo_jax path
+# other than a model checkpoint. The package registers training run directories (runs.run_source).
+PATH_SOURCES: list[Callable[[Path], Source | None]] = []
+
+
 def resolve_checkpoint(path: Path) -> Source:
     """The weights a nemo_jax path names, as a Source (what load, restore and export read).
 
-    The one place that maps a user's path that is not an HF/Mistral directory to weights: today a
-    model checkpoint directory; the training code extends it so that a run directory gives its
-    newest checkpoint (e.g. a `ParamsSource` over its weights with LoRA merged).
+    The one place that maps a user's path that is not an HF/Mistral directory to weights: a model
+    checkpoint directory, or what a PATH_SOURCES entry makes of it (a run directory gives its newest
+    checkpoint: a `ParamsSource` over its weights with LoRA merged).
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: not found")
     if is_checkpoint(path):
         return OrbaxSource(path)
-    from nemo_jax.checkpoint.runs import RunSource, is_run_dir
-
-    if is_run_dir(path):
-        return RunSource(path)
+    for make in PATH_SOURCES:
+        source = make(path)
+        if source is not None:
+            return source
     raise UserError(f"{path}: not a checkpoint (expected a nemo_jax checkpoint with {CONFIG_FILE} and "
                     f"{PARAMS_DIR}/, an HF directory with config.json and model.safetensors[.index.json], "
                     f"a Mistral directory with params.json and consolidated.safetensors, or a training run directory with run.json)")

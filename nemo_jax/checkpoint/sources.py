@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from nemo_jax.checkpoint import layout
 from nemo_jax.checkpoint.host import Scratch
+from nemo_jax.checkpoint.fp8_format import parse_quantization
 from nemo_jax.checkpoint.safetensors_io import SafetensorsFile
-from nemo_jax.config import DTYPES, ModelConfig, from_hf_config, from_params_json, read_json
+from nemo_jax.config import DTYPES, ModelConfig, from_hf_config, from_params_json, read_json, target_at
 from nemo_jax.errors import UserError
 
 HF_CONFIG, HF_SINGLE, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -128,13 +129,11 @@ class SafetensorsSource(Source):
         self.path, self.format = Path(path), fmt
         self._scratch = Scratch()  # blocks of a layer as stored, and the transposes' temporaries
         self.description = f"{self.path} ({'HF' if fmt == 'hf' else 'Mistral'} safetensors)"
-        self.fp8 = None  # an FP8 checkpoint's layout (fp8_io.Fp8Format): dequantised on read
+        self.fp8 = None  # an FP8 checkpoint's layout (fp8_format.Fp8Format): dequantised on read
         if fmt == "hf":
             raw = read_json(self.path / HF_CONFIG)
             config = from_hf_config(raw, source=str(self.path / HF_CONFIG))
             if "quantization_config" in raw:
-                from nemo_jax.checkpoint.fp8_io import parse_quantization
-
                 self.fp8 = parse_quantization(raw["quantization_config"], config, str(self.path / HF_CONFIG))
             files = self._hf_files()
         else:
@@ -176,9 +175,7 @@ class SafetensorsSource(Source):
 
     def _fp8_tensors(self, leaf: layout.Leaf, name: str) -> list[str]:
         """The scale tensors an FP8 checkpoint stores beside a quantised weight."""
-        from nemo_jax.checkpoint.fp8_io import target_of
-
-        if self.fp8 is None or target_of(leaf) not in self.fp8.targets:
+        if self.fp8 is None or target_at(leaf.path) not in self.fp8.targets:
             return []
         prefix = name[: -len(".weight")]
         return [prefix + ".weight_scale"] + ([prefix + ".input_scale"] if self.fp8.static_inputs else [])
@@ -237,14 +234,6 @@ class SafetensorsSource(Source):
                 return raw_rows(r0, r1).astype(np.float32) * scale.reshape(())
 
         layout.to_ours(leaf, self.format, read_rows, self.config, out, self._scratch)
-
-
-def read_fp8_layout(path: Path, config: ModelConfig):
-    """(Fp8Format, {tensor name: file}) of an FP8 HF checkpoint directory."""
-    source = SafetensorsSource(Path(path), "hf")
-    if source.fp8 is None:
-        raise UserError(f"{path}: not an FP8 checkpoint (no quantization_config in {HF_CONFIG})")
-    return source.fp8, source.files
 
 
 class ParamsSource(Source):

@@ -16,7 +16,7 @@ import numpy as np
 
 from nemo_jax import model as M
 from nemo_jax import sharding as S
-from nemo_jax import train_loop as TL
+from nemo_jax.checkpoint import runs
 from nemo_jax.run_config import config_from_dict
 from nemo_jax.trainer import init_arrays, make_layout
 from nemo_jax.config import preset
@@ -101,11 +101,11 @@ def main(out_path):
                 saved_state, saved_layout = state, layout
     # save on fsdp=8, restore on 2x2x2 and compare values
     with tempfile.TemporaryDirectory() as d:
-        mngr = TL.checkpoint_manager(d, keep=1, async_save=False)
-        TL.save_checkpoint(mngr, 3, saved_layout.to_checkpoint(saved_state), {"step": 3})
+        mngr = runs.checkpoint_manager(d, keep=1, async_save=False)
+        runs.save_checkpoint(mngr, 3, saved_layout.to_checkpoint(saved_state), {"step": 3})
         mngr.wait_until_finished()
         target = make_layout(run_config(MESHES["2x2x2"], False), CONFIG, S.make_mesh(*MESHES["2x2x2"]))
-        restored, _ = TL.restore_checkpoint(mngr, 3, target.abstract_state())
+        restored, _ = runs.restore_checkpoint(mngr, 3, target.abstract_state())
         # and into an unrolled run's layout on that mesh
         unrolled = make_layout(run_config(MESHES["2x2x2"], False, CONFIG.n_layers), CONFIG,
                                S.make_mesh(*MESHES["2x2x2"]))
