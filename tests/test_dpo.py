@@ -212,10 +212,10 @@ def test_bad_preference_records_name_file_and_line(tmp_path):
     for line, reason in cases.items():
         bad.write_text(good + "\n" + line + "\n")
         with pytest.raises(UserError) as e:
-            PF.load_pairs([str(bad)], tok, 128)
+            PF.load_pairs(str(bad), tok, 128)
         msg = str(e.value)
         assert msg.startswith(f"{bad}:2: ") and reason in msg and "\n" not in msg, msg
-    assert len(PF.load_pairs([str(bad)], tok, 128, skip_bad_records=True)) == 1
+    assert len(PF.load_pairs(str(bad), tok, 128, skip_bad_records=True)) == 1
 
 
 def test_planner_counts_the_full_fine_tuning_reference():

@@ -28,15 +28,18 @@ UNROLLED = ("2x2x2",)  # the layer loop unrolled: the step's per-layer arrays (t
 CONFIG = preset("tiny").replace(dim=64, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=256)
 
 
-def run_config(mesh, lora, unroll=1):
+def run_config(mesh, lora, unroll=1, qlora=False):
     d, f, t, s = mesh
+    model = {"preset": "tiny", "dtype": "float32", "param_dtype": "float32", "scan_unroll": unroll}
+    # QLoRA (an NF4 base, double-quantised scales) with remat: the codes shard like the kernels they encode
+    extra = {"quantize_base": "nf4", "double_quant": True} if qlora else {}
     return config_from_dict({
         "output_dir": "unused",
-        "model": {"preset": "tiny", "dtype": "float32", "param_dtype": "float32", "scan_unroll": unroll},
+        "model": {**model, "remat": "full"} if qlora else model,
         "data": {"train": ["unused"]},
         "train": {"steps": 3, "batch_size": 8, "micro_batch_size": 8, "seq_len": 32, "lr": 1e-2, "loss_chunk": 16,
                   "schedule": "constant"},
-        "lora": {"enabled": lora, "rank": 4},
+        "lora": {"enabled": lora, "rank": 4, **extra},
         "mesh": {"data": d, "fsdp": f, "tensor": t, "sequence": s},
     })
 
@@ -54,8 +57,8 @@ def batches(n=3, B=8, T=32):
     return out
 
 
-def train(mesh_shape, lora, devices=None, unroll=1):
-    cfg = run_config(mesh_shape, lora, unroll)
+def train(mesh_shape, lora, devices=None, unroll=1, qlora=False):
+    cfg = run_config(mesh_shape, lora, unroll, qlora)
     mesh = S.make_mesh(*mesh_shape, devices=devices)
     layout = make_layout(cfg, CONFIG, mesh)
     state, frozen = init_arrays(layout, 0, None)
@@ -99,6 +102,16 @@ def main(out_path):
                     state["opt_state"]) if not lora else None
             if name == "fsdp8" and not lora:
                 saved_state, saved_layout = state, layout
+    ref, *_ = train((1, 1, 1, 1), True, devices=jax.devices()[:1], qlora=True)
+    result["losses"]["single-qlora"] = ref
+    for name in LORA_MESHES:
+        losses, state, frozen, layout = train(MESHES[name], True, unroll=CONFIG.n_layers if name in UNROLLED else 1,
+                                              qlora=True)
+        result["losses"][f"{name}-qlora"] = losses
+        assert layout.unstacked == (name in UNROLLED)
+        if name == "fsdp8":
+            codes = frozen["layers"]["mlp"]["down"]["codes"]
+            result["fsdp8_qlora_codes"] = [str(codes.dtype), max_shard_fraction(codes)]
     # save on fsdp=8, restore on 2x2x2 and compare values
     with tempfile.TemporaryDirectory() as d:
         mngr = runs.checkpoint_manager(d, keep=1, async_save=False)
