@@ -6,7 +6,7 @@ How a batch is laid out. Prompts are left-padded to a common length T (rounded u
 that similar batches reuse one compiled program); row b's first real token sits at slot T - n_b. The
 cache (model.init_cache) has a fixed S = T + max_new_tokens slots, rounded up, and a `valid` bit
 per slot. Rope positions are per row and start at 0 at each prompt's first real token, and padding
-slots are never attended (model.new_token_mask, the cache's `valid` bits), so padding changes
+slots are never attended (attention.new_token_mask, the cache's `valid` bits), so padding changes
 nothing a real token sees. Right padding (`padding="right"`) leaves a gap of invalid slots between
 a short prompt and its first new token, which the mask makes equivalent; the tests check both
 against each prompt alone.

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import nemo_jax
 from nemo_jax import lora as lora_lib
 from nemo_jax import model as M
+from nemo_jax.attention import new_token_mask
 from nemo_jax.config import preset
 from nemo_jax.errors import UserError
 from nemo_jax.generate import generate
@@ -53,7 +54,7 @@ def full_forward_greedy(params, prompts, n):
 
 def test_new_token_mask_literal():
     # Row 0: a padding token, then three real ones; row 1: four real tokens.
-    got = np.asarray(M.new_token_mask(np.array([[0, 1, 1, 1], [1, 1, 1, 1]], bool)))[:, 0].astype(int)
+    got = np.asarray(new_token_mask(np.array([[0, 1, 1, 1], [1, 1, 1, 1]], bool)))[:, 0].astype(int)
     np.testing.assert_array_equal(got[0], [[1, 0, 0, 0],  # the padding query sees only itself
                                            [0, 1, 0, 0],
                                            [0, 1, 1, 0],
