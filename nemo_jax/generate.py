@@ -22,10 +22,11 @@ cache and activations to match.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import types
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,29 +86,62 @@ def _last_logits(hidden, head, idx):
     return jnp.einsum("BD,DV->BV", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "lora", "cache_len", "greedy"))
-def _generate(params, lora_params, tokens, positions, valid, last, done, max_new, eos_id, seed, temperature,
-              top_k, top_p, *, config: ModelConfig, lora, cache_len: int, greedy: bool):
+class Prompts(NamedTuple):
+    """A batch of prompts as laid out in the cache (the module docstring): [B, T] each, [B] for the last two."""
+
+    tokens: np.ndarray  # int32, PAD_ID in padding slots
+    positions: np.ndarray  # int32 rope positions, 0 at each prompt's first real token
+    valid: np.ndarray  # bool: a real token, not padding
+    last: np.ndarray  # int32: the slot of each row's last prompt token
+    done: np.ndarray  # bool: a batch-padding row, finished from the start
+
+
+class Sampling(NamedTuple):
+    """The traced knobs of a generation: changing them does not recompile."""
+
+    max_new: np.int32
+    eos_id: np.int32  # -1: none
+    seed: np.uint32
+    temperature: np.float32  # > 0 (greedy decoding is DecodeSpec.greedy)
+    top_k: np.int32  # 0: all
+    top_p: np.float32  # 1: all
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """What one compiled generation program is specialised for (jit's static argument)."""
+
+    config: ModelConfig
+    lora: M.LoraSpec | None
+    cache_len: int  # S: the cache's slots, prompts and new tokens
+    greedy: bool
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _generate(params, lora_params, prompts: Prompts, sampling: Sampling, *, spec: DecodeSpec):
     """-> (new tokens [B, cache_len - T], number of steps run). See the module docstring."""
-    B, T = tokens.shape
-    key = jax.random.key(seed)
+    B, T = prompts.tokens.shape
+    key = jax.random.key(sampling.seed)
 
     def choose(logits, step):
-        if greedy:
+        if spec.greedy:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return sample(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+        return sample(logits, jax.random.fold_in(key, step), sampling.temperature, sampling.top_k, sampling.top_p)
 
-    run = functools.partial(M.forward, config, params, lora_params=lora_params, lora=lora, return_hidden=True)
-    cache = M.init_cache(config, B, cache_len)
-    (hidden, head), cache = run(tokens, positions, valid.astype(jnp.int32), cache=cache, cache_index=0)
-    tok = choose(_last_logits(hidden, head, last), 0)
-    out = jnp.zeros((B, cache_len - T), jnp.int32).at[:, 0].set(tok)
-    done = done | (tok == eos_id)
-    pos = jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1  # position of `tok`, per row
+    run = functools.partial(M.forward, spec.config, params, lora_params=lora_params, lora=spec.lora,
+                            return_hidden=True)
+    cache = M.init_cache(spec.config, B, spec.cache_len)
+    (hidden, head), cache = run(prompts.tokens, prompts.positions, prompts.valid.astype(jnp.int32), cache=cache,
+                                cache_index=0)
+    tok = choose(_last_logits(hidden, head, prompts.last), 0)
+    out = jnp.zeros((B, spec.cache_len - T), jnp.int32).at[:, 0].set(tok)
+    eos_id = sampling.eos_id
+    done = prompts.done | (tok == eos_id)
+    pos = jnp.take_along_axis(prompts.positions, prompts.last[:, None], axis=1)[:, 0] + 1  # `tok`'s, per row
 
     def cond(state):
         step, _, _, _, done, _ = state
-        return (step < max_new) & ~jnp.all(done)
+        return (step < sampling.max_new) & ~jnp.all(done)
 
     def body(state):
         step, tok, pos, cache, done, out = state  # tok (chosen at step - 1) goes in at slot T + step - 1
@@ -169,11 +203,11 @@ def generate(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]]
         valid[b, start:start + len(p)] = True
         last[b] = start + len(p) - 1
     done = np.arange(B) >= n
-    out, steps = _generate(params, lora_params, tokens, positions, valid, last, done, np.int32(max_new_tokens),
-                           np.int32(-1 if eos_id is None else eos_id), np.uint32(seed & 0xFFFFFFFF),
-                           np.float32(temperature or 1.0), np.int32(top_k or 0), np.float32(top_p or 1.0),
-                           config=config, lora=lora if lora_params is not None else None,
-                           cache_len=cache_len, greedy=temperature == 0)
+    sampling = Sampling(np.int32(max_new_tokens), np.int32(-1 if eos_id is None else eos_id),
+                        np.uint32(seed & 0xFFFFFFFF), np.float32(temperature or 1.0), np.int32(top_k or 0),
+                        np.float32(top_p or 1.0))
+    spec = DecodeSpec(config, lora if lora_params is not None else None, cache_len, greedy=temperature == 0)
+    out, steps = _generate(params, lora_params, Prompts(tokens, positions, valid, last, done), sampling, spec=spec)
     out = np.asarray(out)[:n, :int(steps)]
     results = []
     for row in out.tolist():
