@@ -26,7 +26,7 @@ import numpy as np
 # bitsandbytes' int8_vectorwise_dequant multiplies by this float32 reciprocal of 127, after the scale
 INV_127 = np.float32(7.874015718698502e-3)
 
-LOGICAL_AXES = {"int8": ("layers", "quant_blocks"), "scb": ("layers", "quant_rows")}
+LOGICAL_AXES = {"int8": ("layers", "quant_blocks"), "scb": ("layers", "quant_blocks")}
 
 
 def quantize_rows(w):

@@ -40,7 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from nemo_jax import backend
 from nemo_jax import fp8 as F8
-from nemo_jax import nf4 as NF4
+from nemo_jax import quant_base as QB
 from nemo_jax.attention import attention, cached_attention, new_token_mask, rope
 from nemo_jax.config import PROJECTIONS, ModelConfig
 from nemo_jax.sharding import constrain
@@ -156,8 +156,9 @@ class Linear(nn.Module):
     def __call__(self, x, weight_amax=None):
         n_in = len(self.in_shape)
         fan_in = int(np.prod(self.in_shape))
-        if self.has_variable("params", "codes"):  # an NF4 base (nf4.py): this layer's kernel, dequantised here
-            kernel = NF4.dequantize_kernel(self.variables["params"], self.in_shape, self.out_shape, self.dtype)
+        if self.has_variable("params", "codes") or self.has_variable("params", "int8"):
+            # a quantised base (quant_base.py): this layer's kernel, dequantised right here
+            kernel = QB.dequantize_kernel(self.variables["params"], self.in_shape, self.out_shape, self.dtype)
         else:
             kernel = self.param(
                 "kernel",

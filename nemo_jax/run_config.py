@@ -400,12 +400,15 @@ class LoraSection(_Section):
     alpha: float = _field(32.0, gt=0)  # adapter output is scaled by alpha / rank
     dropout: float = _field(0.0, ge=0, lt=1)
     targets: tuple[str, ...] = _field(LORA_TARGETS, choices=LORA_TARGETS, item="target")
-    # QLoRA: the frozen base's targeted kernels stored NF4 (bitsandbytes' format, nemo_jax/nf4.py)
-    quantize_base: str = _field("none", choices=("none", "nf4"))
+    # QLoRA: the frozen base's targeted kernels stored NF4 or INT8 (bitsandbytes' formats, quant_base.py)
+    quantize_base: str = _field("none", choices=("none", "nf4", "int8"))
     double_quant: bool = False  # NF4's block absmaxes quantised once more (8 bits, blocks of 256)
 
     def _validate(self):
         _check_list(self, "targets", allow_empty=False)
+        if self.double_quant and self.quantize_base != "nf4":
+            raise _bad("lora.double_quant", f"quantises NF4's block scales; it needs lora.quantize_base: nf4, "
+                                            f"not {self.quantize_base}")
 
     @property
     def scale(self) -> float:

@@ -35,7 +35,7 @@ RULES = {
     "layers": None,
     "norm": None,
     "lora_rank": None,
-    "quant_blocks": ("fsdp", "sequence"),  # an NF4 kernel's flat per-layer codes and scales (nf4.py)
+    "quant_blocks": ("fsdp", "sequence"),  # a quantised kernel's flat per-layer codes and scales (quant_base.py)
     "act_embed": None,  # activations keep D whole: weights are gathered, not activations
 }
 

@@ -20,7 +20,7 @@ from nemo_jax import context_parallel as CP
 from nemo_jax import fp8 as F8
 from nemo_jax import lora as lora_lib
 from nemo_jax import model as M
-from nemo_jax import nf4 as NF4
+from nemo_jax import quant_base as QB
 from nemo_jax import preference as PF
 from nemo_jax import sharding as S
 from nemo_jax import train_loop as TL
@@ -141,7 +141,7 @@ class Layout:
     batch_sh: object
     ckpt_state_sh: dict
     context_parallel: str = "ring"  # mesh.context_parallel: attention over a sequence-sharded mesh
-    nf4_double_quant: bool | None = None  # lora.quantize_base: nf4 (None: a full-precision base)
+    base_quant: QB.BaseQuant | None = None  # lora.quantize_base (None: a full-precision base)
 
     @property
     def unstacked(self) -> bool:
@@ -177,8 +177,8 @@ class Layout:
         frozen = None
         if self.frozen_sh is not None:
             base = self.abstract_params()
-            if self.nf4_double_quant is not None:
-                base = NF4.abstract_params(base, self.lora.targets, self.nf4_double_quant)
+            if self.base_quant is not None:
+                base = QB.abstract_params(base, self.lora.targets, self.base_quant)
             frozen = S.with_shardings(jax.eval_shape(self.step_params, base), self.frozen_sh)
         return state, frozen
 
@@ -232,13 +232,16 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
     axes = M.logical_axes(config, spec_lora)
     abstract = M.abstract_variables(config, spec_lora)
     param_sh = S.tree_shardings(axes["params"], abstract["params"], mesh)
+    base_quant = None
+    if spec_lora is not None and cfg.lora.quantize_base != "none":
+        base_quant = QB.BaseQuant(cfg.lora.quantize_base, cfg.lora.double_quant)
     if spec_lora is not None:
         trainable_sh = S.tree_shardings(axes["lora"], abstract["lora"], mesh)
         frozen_sh = param_sh
-        if cfg.lora.quantize_base == "nf4":  # the frozen base as the step holds it: NF4 codes and scales
-            t, dq = spec_lora.targets, cfg.lora.double_quant
-            frozen_sh = S.tree_shardings(NF4.logical_axes(axes["params"], t, dq),
-                                         NF4.abstract_params(abstract["params"], t, dq), mesh)
+        if base_quant is not None:  # the frozen base as the step holds it: quantised kernels and scales
+            t = spec_lora.targets
+            frozen_sh = S.tree_shardings(QB.logical_axes(axes["params"], t, base_quant),
+                                         QB.abstract_params(abstract["params"], t, base_quant), mesh)
         trainable_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), abstract["lora"])
     else:  # full fine-tuning: `frozen` is the distillation teacher or the DPO reference, if any
         reference = distill or dpo is not None
@@ -252,8 +255,7 @@ def make_layout(cfg, config: ModelConfig, mesh) -> Layout:
         if frozen_sh is not None:
             frozen_sh = unstack_shardings(frozen_sh, config.n_layers)
     return Layout(config, spec_lora, step_spec, opt, mesh, param_sh, trainable_sh, frozen_sh, state_sh,
-                  S.batch_sharding(mesh), ckpt_state_sh, cfg.mesh.context_parallel,
-                  cfg.lora.double_quant if spec_lora is not None and cfg.lora.quantize_base == "nf4" else None)
+                  S.batch_sharding(mesh), ckpt_state_sh, cfg.mesh.context_parallel, base_quant)
 
 
 def unstack_shardings(tree, n: int):
@@ -353,27 +355,28 @@ def check_resume(saved: dict | None, cfg, where: str) -> None:
                         f"(keep the values it was trained with, or use a new output_dir)")
 
 
-def restore_nf4(path, layout: Layout, dtype: str | None) -> dict:
-    """The LoRA base from a checkpoint with its targeted kernels quantised to NF4 while streaming."""
+def restore_quantized_base(path, layout: Layout, dtype: str | None) -> dict:
+    """The LoRA base from a checkpoint with its targeted kernels quantised (lora.quantize_base) while
+    streaming; a checkpoint bitsandbytes already quantised in that format loads its tensors as they are."""
     from nemo_jax.checkpoint import layout as CL, open_checkpoint
+    from nemo_jax.checkpoint.safetensors_io import tensor_readers
     from nemo_jax.hub import resolve_model
 
     directory = resolve_model(path)
-    if NF4.bnb_4bit_config(directory) is not None:  # already NF4 (bitsandbytes-4bit): its tensors as they are
-        config, targets, dq = layout.config, layout.lora.targets, layout.nf4_double_quant
+    quant, targets = layout.base_quant, layout.lora.targets
+    if QB.bnb_kind(directory) is not None:  # bitsandbytes-4bit / 8-bit: its tensors as they are
+        config = layout.config
         shapes = {leaf.path: CL.stacked_shape(leaf, config) for leaf in CL.LEAVES}
-        host = NF4.read_bnb_checkpoint(directory, CL.LEAVES, shapes, targets, dq)
+        host = QB.read_bnb_checkpoint(directory, tensor_readers(directory), CL.LEAVES, shapes, targets, quant)
         tree = CL.nest({(p[:-1] if isinstance(v, dict) else p): v if isinstance(v, dict) else
                         v.astype(jnp.dtype(dtype or config.param_dtype)) for p, v in host.items()})
-        axes = NF4.logical_axes(M.logical_axes(config)["params"], targets, dq)
+        axes = QB.logical_axes(M.logical_axes(config)["params"], targets, quant)
         return jax.device_put(tree, S.tree_shardings(axes, tree, layout.mesh))
     source = open_checkpoint(path)
     targets_abs = S.with_shardings(source.abstract(dtype), layout.param_sh)
-    stacked_sh = S.tree_shardings(
-        NF4.logical_axes(M.logical_axes(layout.config)["params"], layout.lora.targets, layout.nf4_double_quant),
-        NF4.abstract_params(targets_abs, layout.lora.targets, layout.nf4_double_quant), layout.mesh)
-    return NF4.restore_quantized(source, CL.LEAVES, targets_abs, stacked_sh, layout.lora.targets,
-                                 layout.nf4_double_quant)
+    stacked_sh = S.tree_shardings(QB.logical_axes(M.logical_axes(layout.config)["params"], targets, quant),
+                                  QB.abstract_params(targets_abs, targets, quant), layout.mesh)
+    return QB.restore_quantized(source, CL.LEAVES, targets_abs, stacked_sh, targets, quant)
 
 
 def init_arrays(layout: Layout, seed: int, base: dict | None):
@@ -382,7 +385,7 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
     base_rng, lora_rng = jax.random.split(jax.random.key(seed))
     if base is None:
         base = jax.jit(lambda r: M.init_params(config, r)["params"], out_shardings=layout.param_sh)(base_rng)
-    elif layout.nf4_double_quant is None:  # (an NF4 base comes placed, from restore_nf4)
+    elif layout.base_quant is None:  # (a quantised base comes placed, from restore_quantized_base)
         base = jax.device_put(base, layout.param_sh)
     fp8_state = layout.init_fp8()
     if layout.fp8 is not None and layout.fp8.base_fp8:
@@ -391,9 +394,8 @@ def init_arrays(layout: Layout, seed: int, base: dict | None):
                                   out_shardings=(layout.param_sh, jax.tree.map(lambda _: rep, fp8_state)))(
                                       base, fp8_state)
     t0 = layout.lora.targets[0] if layout.lora is not None else None
-    if layout.nf4_double_quant is not None and not NF4.is_quantized(base["layers"][block_of(t0)][t0]):
-        base = jax.jit(functools.partial(NF4.quantize_params, targets=layout.lora.targets,
-                                         double_quant=layout.nf4_double_quant),
+    if layout.base_quant is not None and not QB.is_quantized(base["layers"][block_of(t0)][t0]):
+        base = jax.jit(functools.partial(QB.quantize_params, targets=layout.lora.targets, quant=layout.base_quant),
                        out_shardings=layout.frozen_sh if not layout.unstacked else None)(base)
     if layout.lora is not None:
         trainable = jax.device_put(lora_lib.init_lora(config, layout.lora, lora_rng), layout.trainable_sh)
@@ -428,8 +430,8 @@ def train(cfg) -> Path:
     if cfg.model.checkpoint:  # read straight into the target shardings: no full replica anywhere
         from nemo_jax.checkpoint import restore
 
-        if layout.nf4_double_quant is not None:  # quantised leaf by leaf as it streams in (nf4.py)
-            base = restore_nf4(cfg.model.checkpoint, layout, cfg.model.param_dtype)
+        if layout.base_quant is not None:  # quantised leaf by leaf as it streams in (quant_base.py)
+            base = restore_quantized_base(cfg.model.checkpoint, layout, cfg.model.param_dtype)
         else:
             _, base = restore(cfg.model.checkpoint, layout.param_sh, dtype=cfg.model.param_dtype)
     spec_lora, state_sh, batch_sh = layout.lora, layout.state_sh, layout.batch_sh

@@ -15,6 +15,7 @@ import torch
 import nemo_jax
 from nemo_jax import model as M
 from nemo_jax import nf4
+from nemo_jax import quant_base as QB
 from nemo_jax.run_config import load_config
 from tests.reference.hf_mistral import hf_state, save_random_hf
 
@@ -96,7 +97,7 @@ def test_nf4_model_equals_transformers_on_the_dequantized_weights(base):
     from tests.reference.hf_mistral import hf_logits
 
     _, path, config, params, dequantized = base
-    q = jax.jit(nf4.quantize_params, static_argnums=(1, 2))(params, M.LORA_TARGETS, False)
+    q = jax.jit(QB.quantize_params, static_argnums=(1, 2))(params, M.LORA_TARGETS, QB.BaseQuant("nf4"))
     assert q["layers"]["mlp"]["down"]["codes"].dtype == jnp.uint8 and "kernel" not in q["layers"]["mlp"]["down"]
     tokens = np.random.default_rng(0).integers(0, 1280, (2, 48))
     got = np.asarray(M.logits(config, q, tokens))
@@ -129,7 +130,7 @@ def test_qlora_run_trains_and_its_peft_export_loads_in_peft(base, tmp_path):
 
     spec = M.LoraSpec(rank=4, alpha=32.0)
     adapters = load_run(run)[2]
-    q = jax.jit(nf4.quantize_params, static_argnums=(1, 2))(params, M.LORA_TARGETS, False)
+    q = jax.jit(QB.quantize_params, static_argnums=(1, 2))(params, M.LORA_TARGETS, QB.BaseQuant("nf4"))
     tokens = np.random.default_rng(1).integers(0, 1280, (2, 24))
     ours = np.asarray(M.logits(config, q, tokens, lora_params=adapters, lora=spec))
     with torch.no_grad():
@@ -144,7 +145,7 @@ def test_bitsandbytes_4bit_checkpoint_loads_as_is(base):
     base unchanged, and our model's logits are transformers' own 4-bit model's."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from nemo_jax.trainer import make_layout, restore_nf4
+    from nemo_jax.trainer import make_layout, restore_quantized_base
 
     tmp, path, config, params, _ = base
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -159,7 +160,7 @@ def test_bitsandbytes_4bit_checkpoint_loads_as_is(base):
     from nemo_jax.trainer import model_config_for
 
     layout = make_layout(cfg, model_config_for(cfg), S.make_mesh())
-    q = restore_nf4(cfg.model.checkpoint, layout, "float32")
+    q = restore_quantized_base(cfg.model.checkpoint, layout, "float32")
     want = hf.state_dict()["model.layers.1.mlp.down_proj.weight"]
     np.testing.assert_array_equal(np.asarray(q["layers"]["mlp"]["down"]["codes"][1]), want.numpy().reshape(-1))
     # the reference: transformers' fp32 model on bitsandbytes' dequantisation of the 4-bit weights

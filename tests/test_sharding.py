@@ -19,7 +19,8 @@ def result(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mesh,mode", [(m, "full") for m in ["data8", "fsdp8", "2x2x2", "1x2x4", "seq4"]]
-                         + [("fsdp8", "lora"), ("2x2x2", "lora"), ("fsdp8", "qlora"), ("2x2x2", "qlora")])
+                         + [("fsdp8", "lora"), ("2x2x2", "lora"), ("fsdp8", "qlora-nf4"), ("2x2x2", "qlora-nf4"),
+                            ("fsdp8", "qlora-int8")])
 def test_same_losses_as_one_device(result, mesh, mode):
     """2x2x2 runs the unrolled layer loop on per-layer arrays; the others the scan on stacked ones."""
     ref = result["losses"][f"single-{mode}"]
@@ -35,7 +36,8 @@ def test_fsdp_really_shards(result):
     assert result["fsdp8_max_shard_fraction_full"] == pytest.approx(1 / 8)
     assert result["fsdp8_opt_shard_fraction_full"] == pytest.approx(1 / 8)
     assert result["fsdp8_max_shard_fraction_lora"] == pytest.approx(1 / 8)
-    assert result["fsdp8_qlora_codes"] == ["uint8", pytest.approx(1 / 8)]  # the NF4 base, split 8 ways
+    assert result["fsdp8_qlora_nf4_codes"] == ["uint8", pytest.approx(1 / 8)]  # the NF4 base, split 8 ways
+    assert result["fsdp8_qlora_int8_codes"] == ["int8", pytest.approx(1 / 8)]
 
 
 def test_restore_on_another_mesh(result):

@@ -91,20 +91,20 @@ def restore(path: Path, shardings: Shardings = None, dtype: str | None = None) -
 
 def load_config(path) -> ModelConfig:
     """The architecture of any checkpoint a user can name, from metadata alone: a Hub id's config.json
-    (or the built-in NeMo architecture), a bitsandbytes-4bit HF directory's config.json (its weights
+    (or the built-in NeMo architecture), a bitsandbytes 4-/8-bit HF directory's config.json (its weights
     are no plain checkpoint), else the checkpoint's own metadata."""
     from nemo_jax.hub import model_config
 
-    return model_config(path) or _bnb_4bit_config(path) or load_abstract(path)[0]
+    return model_config(path) or _bnb_config(path) or load_abstract(path)[0]
 
 
-def _bnb_4bit_config(path) -> ModelConfig | None:
+def _bnb_config(path) -> ModelConfig | None:
     import json
 
-    from nemo_jax import nf4
     from nemo_jax.config import from_hf_config
+    from nemo_jax.quant_base import bnb_kind
 
-    if not (Path(path).is_dir() and nf4.bnb_4bit_config(path)):
+    if not (Path(path).is_dir() and bnb_kind(path)):
         return None
     return from_hf_config(json.loads((Path(path) / HF_CONFIG).read_text()))
 

@@ -312,3 +312,12 @@ class Writer:
                 self._stop()
             finally:
                 self._f.close()
+
+
+def tensor_readers(directory) -> dict:
+    """Every tensor of a directory's .safetensors files: name -> a function reading it (a numpy array)."""
+    out = {}
+    for p in sorted(Path(directory).glob("*.safetensors")):
+        f = SafetensorsFile(p)
+        out.update({name: (lambda f=f, name=name: f.read(name)) for name in f.entries})
+    return out

@@ -31,8 +31,9 @@ CONFIG = preset("tiny").replace(dim=64, n_heads=8, n_kv_heads=2, head_dim=16, hi
 def run_config(mesh, lora, unroll=1, qlora=False):
     d, f, t, s = mesh
     model = {"preset": "tiny", "dtype": "float32", "param_dtype": "float32", "scan_unroll": unroll}
-    # QLoRA (an NF4 base, double-quantised scales) with remat: the codes shard like the kernels they encode
-    extra = {"quantize_base": "nf4", "double_quant": True} if qlora else {}
+    # QLoRA (an NF4 base with double-quantised scales, or INT8) with remat: codes shard like the kernels
+    extra = {"quantize_base": "nf4", "double_quant": True} if qlora == "nf4" else \
+        {"quantize_base": "int8"} if qlora == "int8" else {}
     return config_from_dict({
         "output_dir": "unused",
         "model": {**model, "remat": "full"} if qlora else model,
@@ -102,16 +103,17 @@ def main(out_path):
                     state["opt_state"]) if not lora else None
             if name == "fsdp8" and not lora:
                 saved_state, saved_layout = state, layout
-    ref, *_ = train((1, 1, 1, 1), True, devices=jax.devices()[:1], qlora=True)
-    result["losses"]["single-qlora"] = ref
-    for name in LORA_MESHES:
-        losses, state, frozen, layout = train(MESHES[name], True, unroll=CONFIG.n_layers if name in UNROLLED else 1,
-                                              qlora=True)
-        result["losses"][f"{name}-qlora"] = losses
-        assert layout.unstacked == (name in UNROLLED)
-        if name == "fsdp8":
-            codes = frozen["layers"]["mlp"]["down"]["codes"]
-            result["fsdp8_qlora_codes"] = [str(codes.dtype), max_shard_fraction(codes)]
+    for kind, meshes in (("nf4", LORA_MESHES), ("int8", ("fsdp8",))):
+        ref, *_ = train((1, 1, 1, 1), True, devices=jax.devices()[:1], qlora=kind)
+        result["losses"][f"single-qlora-{kind}"] = ref
+        for name in meshes:
+            losses, state, frozen, layout = train(MESHES[name], True, qlora=kind,
+                                                  unroll=CONFIG.n_layers if name in UNROLLED else 1)
+            result["losses"][f"{name}-qlora-{kind}"] = losses
+            assert layout.unstacked == (name in UNROLLED)
+            if name == "fsdp8":
+                codes = frozen["layers"]["mlp"]["down"]["codes" if kind == "nf4" else "int8"]
+                result[f"fsdp8_qlora_{kind}_codes"] = [str(codes.dtype), max_shard_fraction(codes)]
     # save on fsdp=8, restore on 2x2x2 and compare values
     with tempfile.TemporaryDirectory() as d:
         mngr = runs.checkpoint_manager(d, keep=1, async_save=False)
