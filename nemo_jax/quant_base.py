@@ -92,6 +92,18 @@ def logical_axes(axes: dict, targets: tuple[str, ...], quant: BaseQuant) -> dict
     return _map_targets(lambda t, _: {k: P(*v) for k, v in quant.axes().items()}, axes, targets)
 
 
+def round_trip(params: dict, targets: tuple[str, ...], quant: BaseQuant) -> dict:
+    """The params with each targeted kernel replaced by its dequantised quantisation, in its own dtype: the
+    base a QLoRA run trained on, as plain kernels (eval, generation, merged exports)."""
+    def one(t, p):
+        k, n_in = p["kernel"], N_IN.get(t, 1)
+        layer = k.shape[1:]
+        deq = lambda q: dequantize_kernel(q, layer[:n_in], layer[n_in:], k.dtype)  # noqa: E731
+        return {**p, "kernel": jax.vmap(deq)(quant.quantize_kernel(k, n_in))}
+
+    return _map_targets(one, params, targets)
+
+
 def restore_quantized(source, leaves, targets_abs: dict, quant_sh: dict, targets: tuple[str, ...],
                       quant: BaseQuant) -> dict:  # fmt: skip
     """The base from a checkpoint Source (checkpoint/sources.py; `leaves`: its layout.LEAVES) with the
@@ -129,12 +141,12 @@ def bnb_kind(directory) -> str | None:
     return "int8" if q.get("load_in_8bit") else None
 
 
-def read_bnb_checkpoint(directory, files: dict, leaves, shapes: dict, targets: tuple[str, ...],
-                        quant: BaseQuant) -> dict:  # fmt: skip
+def read_bnb_checkpoint(directory, files: dict, leaves, shapes: dict, targets: tuple[str, ...] = (),
+                        quant: BaseQuant | None = None) -> dict:  # fmt: skip
     """A bitsandbytes-quantised HF checkpoint (transformers' save_pretrained) as our host param tree: the
     targeted kernels as their quantised tensors (a copy: per layer, bitsandbytes' tensors flattened), the
-    other quantised kernels dequantised, the rest (embeddings, norms, lm_head) as stored, in float32.
-    `files`: tensor name -> a function reading it (numpy); `leaves`: checkpoint.layout.LEAVES; `shapes`:
+    other quantised kernels dequantised (all of them without `targets`), the rest (embeddings, norms,
+    lm_head) as stored, in float32. `files`: tensor name -> a function reading it (numpy); `leaves`: checkpoint.layout.LEAVES; `shapes`:
     leaf path -> our stacked shape."""
     out = {}
     for leaf in leaves:

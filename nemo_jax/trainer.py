@@ -474,7 +474,9 @@ def train(cfg) -> Path:
         "lora": dataclasses.asdict(spec_lora) if spec_lora else None,
         "fp8": dataclasses.asdict(layout.fp8) if layout.fp8 else None,
         "base": {"checkpoint": model_reference(cfg.model.checkpoint) if cfg.model.checkpoint else None,
-                 "preset": cfg.model.preset, "seed": tc.seed},
+                 "preset": cfg.model.preset, "seed": tc.seed,
+                 # QLoRA: the base the adapters trained on is the quantised one (checkpoint/runs.load_run)
+                 "quantize": dataclasses.asdict(layout.base_quant) if layout.base_quant else None},
     }
     main = is_main_process()  # one writer of run files and metrics in a multi-host run
     if main:

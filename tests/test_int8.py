@@ -149,6 +149,8 @@ def test_bitsandbytes_8bit_checkpoint_loads_as_is(base):
         tokens = np.random.default_rng(2).integers(0, 1280, (2, 32))
         theirs = plain(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(M.logits(config, q, tokens)), theirs, atol=1e-4)
+    plain_config, dequantized = nemo_jax.load(tmp / "bnb8")  # eval.py, convert: the model bitsandbytes computes
+    np.testing.assert_allclose(np.asarray(M.logits(plain_config, dequantized, tokens)), theirs, atol=1e-4)
     nf4 = load_config(ROOT / "configs/tiny.yaml", overrides + ["lora.quantize_base=nf4"])
     with pytest.raises(UserError, match="bitsandbytes int8; set lora.quantize_base: int8"):
         restore_quantized_base(nf4.model.checkpoint, make_layout(nf4, model_config_for(nf4), S.make_mesh()), "float32")

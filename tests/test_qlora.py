@@ -117,10 +117,18 @@ def test_qlora_run_trains_and_its_peft_export_loads_in_peft(base, tmp_path):
         f"output_dir={run}", f"data.train=[{ROOT / 'tests/fixtures/data/tiny_train.jsonl'}]",
         "checkpoint.async_save=false", "model.preset=null", f"model.checkpoint={path}", "lora.enabled=true",
         "lora.rank=4", "lora.quantize_base=nf4", "lora.double_quant=false", "train.steps=6", "train.lr=1e-2",
-        "train.schedule=constant"]))
+        "train.schedule=constant", f"data.eval=[{ROOT / 'tests/fixtures/data/tiny_eval.jsonl'}]",
+        "train.eval_every=6"]))
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     loss = [r["loss"] for r in recs if "loss" in r and "split" not in r]
     assert len(loss) == 6 and loss[-1] < loss[0] - 0.05, loss
+    # eval.py scores the run on the NF4 base it trained on: the run's own last eval, not the bf16 base's
+    in_run = [r["eval_loss"] for r in recs if r.get("split") == "tiny_eval"][-1]
+    r = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(run), "--data",
+                        str(ROOT / "tests/fixtures/data/tiny_eval.jsonl"), "--out", str(tmp_path / "eval.json")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["tiny_eval"]["loss"] == pytest.approx(in_run, rel=1e-5)
 
     r = subprocess.run([sys.executable, "-m", "nemo_jax.convert", "export", str(run), str(tmp_path / "peft"),
                         "--format", "peft"], cwd=ROOT, capture_output=True, text=True)
@@ -174,3 +182,5 @@ def test_bitsandbytes_4bit_checkpoint_loads_as_is(base):
         tokens = np.random.default_rng(2).integers(0, 1280, (2, 32))
         theirs = plain(torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(M.logits(config, q, tokens)), theirs, atol=1e-4)
+    plain_config, dequantized = nemo_jax.load(tmp / "bnb4")  # eval.py, convert: the model bitsandbytes computes
+    np.testing.assert_allclose(np.asarray(M.logits(plain_config, dequantized, tokens)), theirs, atol=1e-4)

@@ -7,15 +7,19 @@ package's __init__ re-exports these; the other submodules import them from here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
 import jax
 
+from nemo_jax.checkpoint.layout import LEAVES, nest, stacked_shape
 from nemo_jax.checkpoint.orbax_io import is_checkpoint, resolve_checkpoint
+from nemo_jax.checkpoint.safetensors_io import tensor_readers
 from nemo_jax.checkpoint.sources import (HF_CONFIG, HF_INDEX, HF_SINGLE, MISTRAL_FILE, MISTRAL_PARAMS,
-                                         SafetensorsSource, Source)
-from nemo_jax.config import ModelConfig
+                                         ParamsSource, SafetensorsSource, Source)
+from nemo_jax.config import ModelConfig, from_hf_config
+from nemo_jax.quant_base import bnb_kind, read_bnb_checkpoint
 from nemo_jax.errors import UserError
 from nemo_jax.hub import resolve_model
 
@@ -53,6 +57,8 @@ def open_checkpoint(path: Path, fmt: str | None = None) -> Source:
     if fmt in ("hf", "mistral"):
         if not Path(path).is_dir():
             raise UserError(f"{path}: not found or not a directory")
+        if fmt == "hf" and bnb_kind(path):
+            return _bnb_source(Path(path))
         return SafetensorsSource(Path(path), fmt)
     raise UserError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
 
@@ -99,14 +105,18 @@ def load_config(path) -> ModelConfig:
 
 
 def _bnb_config(path) -> ModelConfig | None:
-    import json
-
-    from nemo_jax.config import from_hf_config
-    from nemo_jax.quant_base import bnb_kind
-
     if not (Path(path).is_dir() and bnb_kind(path)):
         return None
     return from_hf_config(json.loads((Path(path) / HF_CONFIG).read_text()))
+
+
+def _bnb_source(path: Path) -> ParamsSource:
+    """An HF directory bitsandbytes quantised (4- or 8-bit) as the float32 model it computes with: every
+    quantised kernel dequantised as bitsandbytes does."""
+    config = from_hf_config(json.loads((path / HF_CONFIG).read_text())).replace(param_dtype="float32")
+    shapes = {leaf.path: stacked_shape(leaf, config) for leaf in LEAVES}
+    host = read_bnb_checkpoint(path, tensor_readers(path), LEAVES, shapes)
+    return ParamsSource(config, nest(host), path, f"{path} (bitsandbytes {bnb_kind(path)}, dequantized)")
 
 
 def load(path: Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:

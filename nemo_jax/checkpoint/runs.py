@@ -35,9 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nemo_jax import fp8, lora, model, sharding
+from nemo_jax import fp8, lora, model, quant_base, sharding
 from nemo_jax.checkpoint import layout
 from nemo_jax.checkpoint.loading import restore
+from nemo_jax.hub import resolve_model
+from nemo_jax.quant_base import bnb_kind
 from nemo_jax.checkpoint.sources import ParamsSource, np_dtype
 from nemo_jax.config import ModelConfig, block_of, target_at
 from nemo_jax.errors import UserError
@@ -148,7 +150,8 @@ def load_run(run_dir, dtype=None, step=None, mesh=None):
     (or `step`'s), laid out on `mesh` (default: the first device) by the training rules.
 
     `dtype` sets the model's param dtype (a LoRA run's adapters stay float32, as trained). A LoRA
-    run's base is read again from the checkpoint run.json names, or re-initialised from its seed.
+    run's base is read again from the checkpoint run.json names, or re-initialised from its seed; a
+    QLoRA run's targeted kernels are then quantised and dequantised as its steps saw them.
     """
     run_dir = Path(run_dir)
     config, spec, _ = read_run(run_dir)
@@ -172,6 +175,11 @@ def load_run(run_dir, dtype=None, step=None, mesh=None):
         if out.param_dtype != config.param_dtype:
             params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(out.param_dtype), p),
                              out_shardings=param_sh)(params)
+    # QLoRA: evaluate and export the base the adapters were trained on (a bitsandbytes checkpoint is read
+    # dequantised already: that is the base its run saw)
+    if base.get("quantize") and not (base["checkpoint"] and bnb_kind(resolve_model(base["checkpoint"]))):
+        quant = quant_base.BaseQuant(**base["quantize"])
+        params = jax.jit(lambda p: quant_base.round_trip(p, spec.targets, quant), out_shardings=param_sh)(params)
     return out, params, lora_params, spec
 
 
