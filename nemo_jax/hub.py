@@ -102,7 +102,7 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _repo_files(repo: str, revision: str | None, repo_type: str | None = None) -> list[str] | None:
+def repo_files(repo: str, revision: str | None, repo_type: str | None = None) -> list[str] | None:
     """The repo's file list: from the Hub when online, else from the cached listing; None if unknown."""
     import huggingface_hub as hh
     from huggingface_hub import errors as E
@@ -148,7 +148,7 @@ def resolve_model(spec) -> Path:
 
     with hub_errors(str(spec), repo, revision):
         try:
-            patterns = model_patterns(_repo_files(repo, revision))
+            patterns = model_patterns(repo_files(repo, revision))
         except UserError as e:
             raise UserError(f"{spec}: {e}") from None
         path = hh.snapshot_download(repo, revision=revision, allow_patterns=patterns)
@@ -192,7 +192,7 @@ def model_config(spec):
               "published NeMo repos (no download)", file=sys.stderr)
         return preset(NEMO_PRESET)
     with hub_errors(str(spec), repo, revision):
-        files = _repo_files(repo, revision)
+        files = repo_files(repo, revision)
         name = "params.json" if files is not None and "config.json" not in files and "params.json" in files \
             else "config.json"
         path = hh.hf_hub_download(repo, name, revision=revision)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import glob
 import hashlib
 import json
@@ -180,6 +181,54 @@ def resolve(source) -> list[str]:
     if source.split or source.subset or source.revision:
         raise UserError(f"{source.path}: split/subset/revision apply to hf: datasets and saved DatasetDicts only")
     return source_files(source.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    """A data file of a Hub dataset repo that is listed but not yet downloaded (streamed sources)."""
+
+    name: str  # its path in the repo
+    spec: str
+    repo: str
+    revision: str | None
+
+    def local(self) -> str:
+        """Download it (or find it in the Hugging Face cache): its local path."""
+        from nemo_jax import hub
+
+        path = hub.dataset_file(self.spec, self.repo, self.revision, self.name)
+        if path is None:
+            raise UserError(f"{self.spec}: {self.name}: listed in the repo but cannot be downloaded")
+        return str(path)
+
+
+def stream_files(source) -> list:
+    """The files to read for a streamed source, in order: as `resolve`, except that an hf: source whose
+    dataset card declares its files is listed, not downloaded: each is a RemoteFile, fetched when the
+    reader reaches it. Without a card's declaration, or without a listing (offline and not cached), the
+    split is downloaded as `resolve` does."""
+    from nemo_jax import hub
+
+    source = as_source(source)
+    if not source.path.startswith("hf:"):
+        return resolve(source)
+    repo, revision, subset, split = parse_hf(source)
+    spec = source.path
+    readme = hub.dataset_file(spec, repo, revision, "README.md")
+    declared = _declared_files(readme, subset, spec) if readme else None
+    with hub.hub_errors(spec, repo, revision, kind="dataset"):
+        listing = hub.repo_files(repo, revision, "dataset") if declared is not None else None
+    if listing is None:
+        return resolve(source)
+    split = _pick_split(spec, split, declared)
+    # fnmatch's `*` also crosses `/`: the card's patterns (data/train-*) then match as huggingface_hub's do
+    files = sorted(f for f in listing if any(fnmatch.fnmatchcase(f, p) for p in declared[split]))
+    bad = [f for f in files if not f.endswith(EXTENSIONS)]
+    if bad:
+        raise UserError(f"{spec}: {os.path.basename(bad[0])}: only {'/'.join(EXTENSIONS)} data files are read")
+    if not files:
+        raise UserError(f"{spec}: no data files for split {split!r}")
+    return [RemoteFile(f, spec, repo, revision) for f in files]
 
 
 def _pick_split(what: str, split: str | None, splits) -> str:

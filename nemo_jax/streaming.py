@@ -5,6 +5,11 @@ it on disk). Nothing is cached: records are read in file order, tokenized in a b
 few windows ahead of the packer, and packed into the same batches as data.py describes (same keys,
 next-token shift, segments, row rules, multi-host layout).
 
+Hub datasets
+    An `hf:` source whose dataset card declares its files (`configs:`) is listed, not downloaded: each
+    file is fetched when the reader reaches it, the next one downloading meanwhile. Otherwise the split
+    is downloaded first, as for the in-memory pipeline.
+
 Order
     A source's records are cut into windows of `shuffle_window` records in file order; each window
     is tokenized as one batch and its documents are shuffled with a permutation drawn from (seed,
@@ -29,6 +34,7 @@ Bad data
     no trainable document is an error.
 """
 
+import concurrent.futures
 import logging
 import os
 import queue
@@ -39,7 +45,7 @@ import numpy as np
 from nemo_jax.data import check_records, parse_source, record_where, records_from, tokenize_records
 from nemo_jax.errors import UserError
 from nemo_jax.packing import check_shape, materialize, mixture_seed, next_row
-from nemo_jax.records import DataSource, resolve
+from nemo_jax.records import DataSource, RemoteFile, stream_files
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +67,29 @@ class StreamSource:
     def __init__(self, source: DataSource, tokenizer, window: int, seed: int, index: int, skip_bad_records: bool):
         self.source, self.tokenizer, self.window, self.seed, self.index = source, tokenizer, window, seed, index
         self.skip_bad_records = skip_bad_records
-        self.files = resolve(source)
+        self.files = stream_files(source)  # paths, or RemoteFiles of a Hub dataset fetched as they are reached
+        self.names = [os.path.basename(f.name if isinstance(f, RemoteFile) else f) for f in self.files]
         for f in self.files:  # file-level problems (no records, a broken JSON array) before step 0
-            check_records(f)
+            if not isinstance(f, RemoteFile):
+                check_records(f)
+        self._fetches, self._pool = {}, concurrent.futures.ThreadPoolExecutor(1, f"fetch-{index}")
         self.bad, self.bad_example = 0, ""
+
+    def _fetch(self, i: int) -> concurrent.futures.Future:
+        if i not in self._fetches:
+            f = self.files[i]
+            if isinstance(f, RemoteFile):
+                self._fetches[i] = self._pool.submit(lambda: (path := f.local(), check_records(path))[0])
+            else:
+                self._fetches[i] = concurrent.futures.Future()
+                self._fetches[i].set_result(f)
+        return self._fetches[i]
+
+    def path(self, i: int) -> str:
+        """File i's local path; a Hub file is downloaded now, and the next one starts downloading."""
+        if i + 1 < len(self.files):
+            self._fetch(i + 1)  # its download overlaps this file's reading
+        return self._fetch(i).result()
 
     def read(self, epoch: int, index: int, start, stop=None) -> _Window | None:
         """Window `index` of `epoch`, its first record at `start` = [file, offset, count]; None once `stop`
@@ -72,7 +97,7 @@ class StreamSource:
         f, offset, count = start
         batch, end = {"loc": [], "raw": [], "error": [], "file": []}, None
         while end is None and f < len(self.files):
-            for rec, pos in records_from(self.files[f], (offset, count)):
+            for rec, pos in records_from(self.path(f), (offset, count)):
                 if stop is not None and stop.is_set():
                     return None
                 for k in ("loc", "raw", "error"):
@@ -88,7 +113,7 @@ class StreamSource:
         docs, bad, bad_example = [], 0, ""
         for i, err in enumerate(out["error"]):
             if err:
-                where = f"{record_where(self.files[batch['file'][i]], batch['loc'][i])}: {err}"
+                where = f"{record_where(self.path(batch['file'][i]), batch['loc'][i])}: {err}"
                 if not self.skip_bad_records:
                     raise UserError(where)
                 bad, bad_example = bad + 1, bad_example or where
@@ -165,7 +190,7 @@ class StreamingIterator:
         self._draw_cache, self._readers, self._restored = {}, [], None
         self.restore({"format": "stream", "seed": self.seed, "draws": 0, "pending": None,
                       "sources": [{"epoch": 0, "window": 0, "start": [0, 0, 0], "taken": 0} for _ in self.sources],
-                      "files": [[os.path.basename(f) for f in s.files] for s in self.sources]})  # fmt: skip
+                      "files": [s.names for s in self.sources]})  # fmt: skip
 
     def state(self) -> dict:
         """Where the iterator is: restore it to continue with exactly the same batches."""
@@ -178,14 +203,14 @@ class StreamingIterator:
             "sources": [{"epoch": w.epoch, "window": w.index, "start": list(map(int, w.start)), "taken": t}
                         for w, t in zip(self._windows, self._taken)],
             "pending": None if self._pending is None else [int(self._pending[0]), int(self._pending[2])],
-            "files": [[os.path.basename(f) for f in s.files] for s in self.sources],
+            "files": [s.names for s in self.sources],
         }  # fmt: skip
 
     def restore(self, state: dict) -> None:
         if state.get("format") != "stream":
             raise UserError("the data state was saved by an in-memory (data.streaming: false) run; "
                             "resume with the same data.streaming")  # fmt: skip
-        files = [[os.path.basename(f) for f in s.files] for s in self.sources]
+        files = [s.names for s in self.sources]
         if state["seed"] != self.seed or state["files"] != files:
             raise UserError(f"data state is for seed {state['seed']} and files {state['files']}, "
                             f"but this run has seed {self.seed} and {files}")  # fmt: skip

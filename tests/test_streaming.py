@@ -203,3 +203,39 @@ def test_streams_a_hub_dataset_from_the_cache(tmp_path, monkeypatch, tok):
     want = np.concatenate([docs.get(i)[0][:-1] for i in range(len(docs))])
     assert len(docs) == 7 and np.array_equal(batch["tokens"][0][: len(want)], want)
     assert tok.decode(batch["tokens"][0][1:6].tolist()).startswith("test document 0")
+
+
+def test_hub_files_are_fetched_as_the_stream_reaches_them(tmp_path, monkeypatch, tok):
+    """A streamed hf: source whose card declares its files is listed, not downloaded: each file is fetched
+    when the reader reaches it (the next one alongside), and the stream is the in-memory order."""
+    import io
+
+    from hubcache import add_repo, offline_hub
+
+    from nemo_jax import hub
+
+    def parquet(rows):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        return buf.getvalue()
+
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n---\n"
+    files = {f"data/train-{i:04d}.parquet": parquet([{"text": f"part {i} doc {j} " + "w " * 30} for j in range(6)])
+             for i in range(4)}
+    add_repo(tmp_path, "org/big", {"README.md": card, **files, "data/test-0000.parquet": parquet([{"text": "t"}])},
+             repo_type="dataset")
+    offline_hub(monkeypatch, tmp_path)
+    monkeypatch.setattr(hub, "repo_files", lambda repo, revision, repo_type=None: ["README.md", *files,
+                                                                                  "data/test-0000.parquet"])
+    fetched, real = [], hub.dataset_file
+    monkeypatch.setattr(hub, "dataset_file", lambda *a: (fetched.append(a[3]), real(*a))[1])
+    it = make_stream_iterator(["hf:org/big"], tok, 128, 1, seed=0, shuffle_window=1)
+    assert fetched == ["README.md"]  # listed only
+    first = next(it)
+    assert set(fetched) - {"README.md"} <= {"data/train-0000.parquet", "data/train-0001.parquet"}
+    rest = [next(it) for _ in range(30)]
+    assert sorted(set(fetched) - {"README.md"}) == sorted(files)  # never the test split
+    docs = load_documents("hf:org/big", tok, cache_dir=str(tmp_path / "cache"))
+    want = np.concatenate([docs.get(i)[0][:-1] for i in range(len(docs))])
+    got = np.concatenate([b["tokens"][0][b["segment_ids"][0] > 0] for b in [first, *rest]])
+    assert len(docs) == 24 and np.array_equal(got[: len(want)], want)
