@@ -38,6 +38,8 @@ def test_fsdp_really_shards(result):
     assert result["fsdp8_max_shard_fraction_lora"] == pytest.approx(1 / 8)
     assert result["fsdp8_qlora_nf4_codes"] == ["uint8", pytest.approx(1 / 8)]  # the NF4 base, split 8 ways
     assert result["fsdp8_qlora_int8_codes"] == ["int8", pytest.approx(1 / 8)]
+    # from a checkpoint, quantised leaf by leaf on the 8 devices: the same NF4 tensors, split 8 ways
+    assert result["qlora_restore_fsdp8"] == [True, pytest.approx(1 / 8)]
 
 
 def test_restore_on_another_mesh(result):

@@ -114,6 +114,21 @@ def main(out_path):
             if name == "fsdp8":
                 codes = frozen["layers"]["mlp"]["down"]["codes" if kind == "nf4" else "int8"]
                 result[f"fsdp8_qlora_{kind}_codes"] = [str(codes.dtype), max_shard_fraction(codes)]
+    # an NF4 base read from a checkpoint leaf by leaf onto fsdp=8, quantised there: one device's NF4 of it
+    from nemo_jax import quant_base
+    from nemo_jax.checkpoint.orbax_io import save_orbax
+    from nemo_jax.trainer import restore_quantized_base
+
+    base = M.init_params(CONFIG, jax.random.key(3))["params"]
+    quant = quant_base.BaseQuant("nf4", True)
+    want = jax.jit(quant_base.quantize_params, static_argnums=(1, 2))(base, M.LORA_TARGETS, quant)
+    with tempfile.TemporaryDirectory() as d:
+        save_orbax(f"{d}/base", CONFIG, base)
+        cfg = run_config(MESHES["fsdp8"], True, qlora="nf4")
+        got = restore_quantized_base(f"{d}/base", make_layout(cfg, CONFIG, S.make_mesh(*MESHES["fsdp8"])), None)
+    result["qlora_restore_fsdp8"] = [
+        all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))),
+        max_shard_fraction(got["layers"]["attention"]["q"]["codes"])]
     # save on fsdp=8, restore on 2x2x2 and compare values
     with tempfile.TemporaryDirectory() as d:
         mngr = runs.checkpoint_manager(d, keep=1, async_save=False)
