@@ -66,7 +66,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from nemo_jax import cudnn
-from nemo_jax import sharding as S
+from nemo_jax import sharding
 from nemo_jax.errors import UserError
 
 STRATEGIES = ("ring", "ulysses", "allgather")
@@ -103,8 +103,8 @@ def _setting() -> _Setting:
 
 
 def _sequence_shards(mesh=None) -> int:
-    mesh = mesh if mesh is not None else S.active_mesh()
-    return 1 if mesh is None else mesh.shape[S.RULES["length"]]
+    mesh = mesh if mesh is not None else sharding.active_mesh()
+    return 1 if mesh is None else mesh.shape[sharding.RULES["length"]]
 
 
 def _zigzag(T: int, n: int) -> bool:
@@ -150,7 +150,7 @@ def to_layout(batch: dict) -> dict:
     def reorder(x):
         B = x.shape[0]
         x = jnp.take(x.reshape(B, 2 * n, T // (2 * n)), chunks, axis=1).reshape(B, T)
-        return S.constrain(x, ("batch", "length"))
+        return sharding.constrain(x, ("batch", "length"))
 
     return {k: reorder(x) for k, x in batch.items()}
 
@@ -161,15 +161,15 @@ def to_layout(batch: dict) -> dict:
 def attention(q, k, v, segment_ids, *, causal: bool = True):
     """attention.attention's contract (q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T]) on the
     active mesh's sequence axis; T is in the layout of `to_layout`."""
-    mesh = S.active_mesh()
-    axis = S.RULES["length"]
+    mesh = sharding.active_mesh()
+    axis = sharding.RULES["length"]
     n = mesh.shape[axis]
     B, T, N, H = q.shape
     K = k.shape[2]
     strategy = _setting().strategy
     zigzag = _zigzag(T, n)
-    q_spec = S.logical_to_spec(("batch", "length", "heads", "head_dim"), mesh, q.shape)
-    kv_spec = S.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), mesh, k.shape)
+    q_spec = sharding.logical_to_spec(("batch", "length", "heads", "head_dim"), mesh, q.shape)
+    kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), mesh, k.shape)
     if kv_spec[2] is None:  # kv heads the tensor axis cannot split: keep the query heads whole too
         q_spec = P(q_spec[0], q_spec[1], None, None)
     seg_spec = P(q_spec[0], q_spec[1])

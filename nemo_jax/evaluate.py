@@ -11,9 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from nemo_jax import preference as PF
-from nemo_jax import sharding as S
-from nemo_jax import train_loop as TL
+from nemo_jax import preference, sharding, train_loop
 from nemo_jax.checkpoint.runs import default_mesh, load_run, load_run_fp8
 from nemo_jax.errors import UserError
 from nemo_jax.run_config import eval_split_name
@@ -39,27 +37,27 @@ def eval_mesh(flag: str | None, cfg):
     """The mesh to evaluate on: `--mesh` (e.g. "fsdp=8", "data=2,tensor=4"), else the run's / --config's
     mesh if it fits the devices there are, else the first device alone."""
     if flag:
-        return S.make_mesh(**S.parse_mesh(flag, "--mesh"))
+        return sharding.make_mesh(**sharding.parse_mesh(flag, "--mesh"))
     if cfg is not None:
         m = cfg.mesh
         try:
-            S.mesh_shape(m.data, m.fsdp, m.tensor, m.sequence, jax.device_count())
+            sharding.mesh_shape(m.data, m.fsdp, m.tensor, m.sequence, jax.device_count())
         except UserError:  # trained on another device count: it is read onto this one
             return default_mesh()
-        return S.make_mesh(m.data, m.fsdp, m.tensor, m.sequence)
+        return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.sequence)
     return default_mesh()
 
 
 def check_eval_shape(mesh, batch_size: int, seq_len: int) -> None:
     """Batches are split over the mesh as in training: rows over the data-parallel devices, positions
     over the sequence-parallel ones."""
-    rows, positions = S.batch_split(mesh)
+    rows, positions = sharding.batch_split(mesh)
     if batch_size % rows:
         raise UserError(f"--batch-size {batch_size}: must be divisible by the mesh's {rows} data-parallel "
-                        f"ways ({S.describe(mesh)})")
+                        f"ways ({sharding.describe(mesh)})")
     if seq_len % positions:
         raise UserError(f"--seq-len {seq_len}: must be divisible by the mesh's {positions} sequence-parallel "
-                        f"ways ({S.describe(mesh)})")
+                        f"ways ({sharding.describe(mesh)})")
 
 
 def load_for_eval(path: str, dtype: str | None, mesh=None):
@@ -96,16 +94,16 @@ def reference_for_eval(path: str, dtype: str | None, mesh):
 
 def param_shardings(config, mesh):
     """The training rules' shardings of the model's param tree on `mesh`."""
-    from nemo_jax import model as M
+    from nemo_jax import model
 
-    return S.tree_shardings(M.logical_axes(config)["params"], M.abstract_variables(config)["params"], mesh)
+    return sharding.tree_shardings(model.logical_axes(config)["params"], model.abstract_variables(config)["params"], mesh)
 
 
 def load_fp8_for_eval(path: str, params, mesh=None):
     """(params, (Fp8Spec, state)) when `path` is a QAT run: evaluation then simulates the served
     FP8 model (quantised inputs and weights, the trained scales; an FP8-stored base quantised as in
     training); else (params, None)."""
-    from nemo_jax import fp8 as F8
+    from nemo_jax.fp8 import quantize_base
     from nemo_jax.trainer import fp8_eval_spec
 
     if not (Path(path) / "run.json").exists():
@@ -114,7 +112,7 @@ def load_fp8_for_eval(path: str, params, mesh=None):
     if spec is None:
         return params, None
     if spec.base_fp8:
-        params, state = F8.quantize_base(params, state, spec)
+        params, state = quantize_base(params, state, spec)
     return params, (fp8_eval_spec(spec), state)
 
 
@@ -125,18 +123,18 @@ def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len,
 
     Preference files (preference.py) get the DPO loss and reward metrics instead, against the
     reference model: a LoRA run's base, else `reference` (the params a full fine-tuning started
-    from); `dpo`: the TL.DpoSpec (beta) to score with."""
+    from); `dpo`: the train_loop.DpoSpec (beta) to score with."""
     from nemo_jax.data import make_eval_batches
     from nemo_jax.trainer import evaluate
 
     mesh = mesh if mesh is not None else default_mesh()
     check_eval_shape(mesh, batch_size, seq_len)
     fp8_spec, fp8_state = fp8 or (None, None)
-    step_spec = TL.StepSpec(config, spec, "none", 1, loss_chunk, fp8_spec)
-    traced = functools.partial(TL.eval_sums, step_spec)
+    step_spec = train_loop.StepSpec(config, spec, "none", 1, loss_chunk, fp8_spec)
+    traced = functools.partial(train_loop.eval_sums, step_spec)
 
     def sums(*args):  # activations laid out by the training rules, as in the training step
-        with S.activation_mesh(mesh):
+        with sharding.activation_mesh(mesh):
             return traced(*args)
 
     eval_sums = jax.jit(sums)
@@ -146,28 +144,28 @@ def evaluate_files(config, params, lora_params, spec, files, tokenizer, seq_len,
     for path in files:
         if not Path(path).exists() and not str(path).startswith("hf:"):  # hf: a Hub dataset (records.py)
             raise UserError(f"--data {path}: no such file")
-        if PF.is_preference_source(path):
+        if preference.is_preference_source(path):
             from nemo_jax.trainer import evaluate_pairs
 
             if spec is None and reference is None:
                 raise UserError(f"--data {path}: preference pairs are scored against the model a run started from; "
                                 "give a LoRA run or a full fine-tuning run whose base checkpoint is available")
             if dpo_fn is None:
-                dpo_spec = dataclasses.replace(step_spec, fp8=None, dpo=dpo or TL.DpoSpec())
-                traced_dpo = functools.partial(TL.dpo_eval_sums, dpo_spec)
+                dpo_spec = dataclasses.replace(step_spec, fp8=None, dpo=dpo or train_loop.DpoSpec())
+                traced_dpo = functools.partial(train_loop.dpo_eval_sums, dpo_spec)
 
                 def dpo_sums(*args):
-                    with S.activation_mesh(mesh):
+                    with sharding.activation_mesh(mesh):
                         return traced_dpo(*args)
 
                 dpo_fn = jax.jit(dpo_sums)
-            batches = PF.make_pair_eval_batches(path, tokenizer, seq_len, batch_size)
+            batches = preference.make_pair_eval_batches(path, tokenizer, seq_len, batch_size)
             results[eval_split_name(path)] = evaluate_pairs(dpo_fn, params, lora_params,
                                                             params if reference is None else reference, batches,
-                                                            S.batch_sharding(mesh))
+                                                            sharding.batch_sharding(mesh))
             continue
         batches = make_eval_batches(path, tokenizer, seq_len, batch_size)
-        loss, count = evaluate(eval_fn, params, lora_params, batches, S.batch_sharding(mesh))
+        loss, count = evaluate(eval_fn, params, lora_params, batches, sharding.batch_sharding(mesh))
         results[eval_split_name(path)] = {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": int(count)}
     return results
 
@@ -216,7 +214,7 @@ def main_eval(args) -> dict:
         config, params, fp8_spec, fp8_state = load_fp8_export(args.checkpoint)
         config = config.replace(dtype=dtype) if dtype else config
         params = jax.device_put(params, param_shardings(config, mesh))
-        fp8_state = jax.device_put(fp8_state, S.replicated(mesh))
+        fp8_state = jax.device_put(fp8_state, sharding.replicated(mesh))
         lora_params, spec, fp8 = None, None, (fp8_spec, fp8_state)
     else:
         config, params, lora_params, spec = load_for_eval(args.checkpoint, dtype, mesh)
@@ -227,9 +225,9 @@ def main_eval(args) -> dict:
               f"({', '.join(fp8[0].targets)} in e4m3, static input scales)")
     tokenizer = tokenizer_for(config, tok_path)
     loss_chunk = cfg.train.loss_chunk if cfg else 1024
-    dpo = TL.DpoSpec(cfg.dpo.beta, cfg.dpo.label_smoothing) if cfg is not None else None
+    dpo = train_loop.DpoSpec(cfg.dpo.beta, cfg.dpo.label_smoothing) if cfg is not None else None
     reference = None
-    if spec is None and any(PF.is_preference_source(p) for p in args.data):
+    if spec is None and any(preference.is_preference_source(p) for p in args.data):
         reference = reference_for_eval(args.checkpoint, dtype, mesh)
     results = evaluate_files(config, params, lora_params, spec, args.data, tokenizer, seq_len, batch_size,
                              loss_chunk, fp8, mesh, dpo, reference)

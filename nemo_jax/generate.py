@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemo_jax import model as M
+from nemo_jax import model
 from nemo_jax.config import ModelConfig
 from nemo_jax.errors import UserError
 
@@ -112,7 +112,7 @@ class DecodeSpec:
     """What one compiled generation program is specialised for (jit's static argument)."""
 
     config: ModelConfig
-    lora: M.LoraSpec | None
+    lora: model.LoraSpec | None
     cache_len: int  # S: the cache's slots, prompts and new tokens
     greedy: bool
 
@@ -128,9 +128,9 @@ def _generate(params, lora_params, prompts: Prompts, sampling: Sampling, *, spec
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return sample(logits, jax.random.fold_in(key, step), sampling.temperature, sampling.top_k, sampling.top_p)
 
-    run = functools.partial(M.forward, spec.config, params, lora_params=lora_params, lora=spec.lora,
+    run = functools.partial(model.forward, spec.config, params, lora_params=lora_params, lora=spec.lora,
                             return_hidden=True)
-    cache = M.init_cache(spec.config, B, spec.cache_len)
+    cache = model.init_cache(spec.config, B, spec.cache_len)
     (hidden, head), cache = run(prompts.tokens, prompts.positions, prompts.valid.astype(jnp.int32), cache=cache,
                                 cache_index=0)
     tok = choose(_last_logits(hidden, head, prompts.last), 0)
@@ -157,7 +157,7 @@ def _generate(params, lora_params, prompts: Prompts, sampling: Sampling, *, spec
 
 def generate(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0, *,
-             lora_params: dict | None = None, lora: M.LoraSpec | None = None, eos_id: int | None = 2,
+             lora_params: dict | None = None, lora: model.LoraSpec | None = None, eos_id: int | None = 2,
              padding: str = "left") -> list[list[int]]:
     """New token ids for each prompt (lists of ids): up to `max_new_tokens`, ending at `eos_id` (kept)
     when it is generated. `eos_id=None` always generates `max_new_tokens`.

@@ -23,20 +23,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemo_jax import model as M
+from nemo_jax import model
 from nemo_jax.config import PROJECTIONS, ModelConfig
 
 
 
-def init_lora(config: ModelConfig, spec: M.LoraSpec, rng) -> dict:
+def init_lora(config: ModelConfig, spec: model.LoraSpec, rng) -> dict:
     """Adapters only, in float32 (small, and bf16 adapters train poorly). The base params' random
     init is dead code under jit and never runs."""
-    lora = jax.jit(lambda r: M.init_params(config, r, spec)["lora"])(rng)
+    lora = jax.jit(lambda r: model.init_params(config, r, spec)["lora"])(rng)
     return jax.tree.map(lambda x: x.astype(jnp.float32), lora)
 
 
-def lora_logical_axes(config: ModelConfig, spec: M.LoraSpec):
-    return M.logical_axes(config, spec)["lora"]
+def lora_logical_axes(config: ModelConfig, spec: model.LoraSpec):
+    return model.logical_axes(config, spec)["lora"]
 
 
 def delta(a, b, scale):
@@ -49,7 +49,7 @@ def delta(a, b, scale):
     return (scale * d).reshape((L,) + in_shape + out_shape)
 
 
-def merge(params: dict, lora_params: dict, spec: M.LoraSpec) -> dict:
+def merge(params: dict, lora_params: dict, spec: model.LoraSpec) -> dict:
     """Base params with each adapter folded in (W + (alpha/r) A B), in the base's dtype."""
     layers = dict(params["layers"])
     for target in spec.targets:
@@ -61,7 +61,7 @@ def merge(params: dict, lora_params: dict, spec: M.LoraSpec) -> dict:
     return {**params, "layers": layers}
 
 
-def to_peft_tensors(lora_params: dict, spec: M.LoraSpec) -> dict[str, np.ndarray]:
+def to_peft_tensors(lora_params: dict, spec: model.LoraSpec) -> dict[str, np.ndarray]:
     """PEFT's tensor names and orientation, float32 numpy."""
     out = {}
     for target in spec.targets:
@@ -76,7 +76,7 @@ def to_peft_tensors(lora_params: dict, spec: M.LoraSpec) -> dict[str, np.ndarray
     return out
 
 
-def peft_adapter_config(spec: M.LoraSpec, base_model: str) -> dict:
+def peft_adapter_config(spec: model.LoraSpec, base_model: str) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -94,7 +94,7 @@ def peft_adapter_config(spec: M.LoraSpec, base_model: str) -> dict:
     }
 
 
-def export_peft(out_dir: Path, lora_params: dict, spec: M.LoraSpec, base_model: str) -> None:
+def export_peft(out_dir: Path, lora_params: dict, spec: model.LoraSpec, base_model: str) -> None:
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)

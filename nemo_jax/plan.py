@@ -27,9 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemo_jax import model as M
-from nemo_jax import sharding as S
-from nemo_jax import train_loop as TL
+from nemo_jax import model, sharding, train_loop
 from nemo_jax.errors import UserError
 
 GiB = 1024**3
@@ -80,18 +78,18 @@ def compile_step(cfg, target: str | None = None, num_processes: int | None = Non
     else:
         devices, hosts = jax.devices(), jax.process_count()
     check_run_config(cfg, config, len(devices), hosts)
-    mesh = S.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence, devices=devices)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence, devices=devices)
     layout = make_layout(cfg, config, mesh)
     state, frozen = layout.abstract_step_inputs()  # frozen: the LoRA base, distillation teacher or DPO reference
     if frozen is not None and layout.fp8 is not None and layout.fp8.base_fp8:  # targeted kernels in e4m3
-        from nemo_jax import fp8 as F8
+        from nemo_jax.fp8 import quantize_base
 
-        q = jax.eval_shape(lambda p: layout.step_params(F8.quantize_base(p, layout.init_fp8(), layout.fp8)[0]),
+        q = jax.eval_shape(lambda p: layout.step_params(quantize_base(p, layout.init_fp8(), layout.fp8)[0]),
                            layout.abstract_params())
         frozen = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f.sharding), q, frozen)
     tc = cfg.train
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=layout.batch_sh) for k in TL.BATCH_KEYS}
+                                     sharding=layout.batch_sh) for k in train_loop.BATCH_KEYS}
     lowered = layout.step_fn().lower(state, frozen, batch)
     compiled = lowered.compile(compiler_options=GPU_PLAN_OPTIONS) if target else lowered.compile()
     return CompiledStep(cfg, compiled, layout, list(devices), hosts, target)
@@ -110,8 +108,8 @@ def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
-    n_params = M.count_params(M.abstract_variables(config)["params"])
-    n_trainable = M.count_params(layout.abstract_trainable())
+    n_params = model.count_params(model.abstract_variables(config)["params"])
+    n_trainable = model.count_params(layout.abstract_trainable())
     report = {
         "target": target or "cpu",
         "parameters": n_params,
@@ -120,7 +118,7 @@ def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
         "hosts": hosts,
         "mesh": dict(mesh.shape),
         "flops_per_step": float(cost.get("flops", 0.0)) if cost else None,
-        "model_flops_per_step": TL.flops_per_token(config, tc.seq_len, layout.lora is not None)
+        "model_flops_per_step": train_loop.flops_per_token(config, tc.seq_len, layout.lora is not None)
         * tc.batch_size * tc.seq_len,
         "argument_bytes": int(mem.argument_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),

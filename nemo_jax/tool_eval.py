@@ -163,18 +163,18 @@ class Turn:
 
 def collect_turns(path: str, tokenizer) -> list[Turn]:
     """Every scored assistant turn of an instruct file (text-only records are skipped)."""
-    from nemo_jax import data as D
+    from nemo_jax.data import check_records, normalize, read_records, record_where
 
     if not Path(path).exists():
         raise UserError(f"--data {path}: no such file")
-    D.check_records(path)
+    check_records(path)
     turns = []
-    for rec in D.read_records(path):
-        where = D.record_where(path, rec["loc"])
+    for rec in read_records(path):
+        where = record_where(path, rec["loc"])
         if rec["error"]:
             raise UserError(f"{where}: {rec['error']}")
         try:
-            record = D.normalize(json.loads(rec["raw"]))  # any record format (records.py)
+            record = normalize(json.loads(rec["raw"]))  # any record format (records.py)
             if "messages" not in record:
                 continue
             messages, tools = record["messages"], record.get("tools")

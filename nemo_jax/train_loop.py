@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nemo_jax import fp8 as F8
-from nemo_jax import model as M
-from nemo_jax import sharding as S
+from nemo_jax import model, sharding
+from nemo_jax.fp8 import Fp8Spec, combine_observations, update_state, zero_observations
 from nemo_jax.config import ModelConfig
 from nemo_jax.losses import chunked_kl_sum, chunked_nll_sum, chunked_token_logp, token_count
 
@@ -134,11 +133,11 @@ class StepSpec:
     """Static description of the step (hashable: part of the jit cache key)."""
 
     config: ModelConfig
-    lora: M.LoraSpec | None
+    lora: model.LoraSpec | None
     remat: str
     n_micro: int
     loss_chunk: int
-    fp8: F8.Fp8Spec | None = None
+    fp8: Fp8Spec | None = None
     scan_unroll: int = 1
     # Quantisation-aware distillation: the loss is KL(teacher || student) with the teacher the
     # unquantised `frozen` params (LoRA: the base without adapters; full fine-tuning: the starting
@@ -201,13 +200,13 @@ def dpo_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8_
     else:
         params, lora_params = trainable, None
     dtype = jnp.dtype(spec.config.dtype)
-    hidden, head = M.forward(
+    hidden, head = model.forward(
         spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
         lora_params=lora_params, lora=spec.lora, return_hidden=True,
         rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat,
         fp8=spec.fp8, fp8_state=fp8_state, fp8_probes=fp8_probes, scan_unroll=spec.scan_unroll)
     # The reference: the starting model's plain forward (LoRA: the base without adapters), no gradient
-    r_hidden, r_head = jax.lax.stop_gradient(M.forward(
+    r_hidden, r_head = jax.lax.stop_gradient(model.forward(
         spec.config, frozen, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
         scan_unroll=spec.scan_unroll))
     policy, w = pair_logps(hidden, head, batch, spec.loss_chunk, dtype)
@@ -239,10 +238,10 @@ def dpo_eval_sums(spec: StepSpec, params, lora_params, reference_params, batch):
         lora_params = None
     else:
         reference_params = params
-    hidden, head = M.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+    hidden, head = model.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                              lora_params=lora_params, lora=spec.lora, return_hidden=True,
                              scan_unroll=spec.scan_unroll)
-    r_hidden, r_head = M.forward(spec.config, reference_params, batch["tokens"], batch["positions"],
+    r_hidden, r_head = model.forward(spec.config, reference_params, batch["tokens"], batch["positions"],
                                  batch["segment_ids"], return_hidden=True, scan_unroll=spec.scan_unroll)
     policy, w = pair_logps(hidden, head, batch, spec.loss_chunk, dtype)
     reference, _ = pair_logps(r_hidden, r_head, batch, spec.loss_chunk, dtype)
@@ -258,7 +257,7 @@ def loss_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8
         params, lora_params = frozen, trainable
     else:
         params, lora_params = trainable, None
-    hidden, head = M.forward(
+    hidden, head = model.forward(
         spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
         lora_params=lora_params, lora=spec.lora, return_hidden=True,
         rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat,
@@ -266,7 +265,7 @@ def loss_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8
     if spec.distill:
         # The teacher runs its plain forward (no FP8, no adapters, no dropout) and gets no gradient:
         # nothing of it is kept for the backward pass but its hidden states.
-        t_hidden, t_head = jax.lax.stop_gradient(M.forward(
+        t_hidden, t_head = jax.lax.stop_gradient(model.forward(
             spec.config, frozen, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
             scan_unroll=spec.scan_unroll))
         total = chunked_kl_sum(hidden, head, t_hidden, t_head, batch["loss_mask"], spec.loss_chunk,
@@ -286,7 +285,7 @@ def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, f
     """
     trainable = state["trainable"]
     fp8_state = state.get("fp8")
-    probes = M.init_fp8(spec.config, spec.fp8, spec.lora)[1] if spec.fp8 is not None else {}
+    probes = model.init_fp8(spec.config, spec.fp8, spec.lora)[1] if spec.fp8 is not None else {}
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     def sums(t, p, b, r):  # (loss sum, stats): stats["count"] is what the step's loss is a mean over
         if spec.dpo is not None:
@@ -306,11 +305,11 @@ def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, f
             (s, st), (g, obs) = grad_fn(trainable, probes, mb, jax.random.fold_in(rng, i))
             g_acc, s_acc, st_acc, obs_acc = acc
             return (jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g), s_acc + s,
-                    jax.tree.map(jnp.add, st_acc, st), F8.combine_observations(obs_acc, obs)), None
+                    jax.tree.map(jnp.add, st_acc, st), combine_observations(obs_acc, obs)), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
         keys = ("count", "tokens") + (REWARD_METRICS if spec.dpo is not None else ())
-        init = (zeros, 0.0, {k: jnp.zeros((), jnp.float32) for k in keys}, F8.zero_observations(probes))
+        init = (zeros, 0.0, {k: jnp.zeros((), jnp.float32) for k in keys}, zero_observations(probes))
         (g_sum, s_sum, stats, observed), _ = jax.lax.scan(body, init, (micro, jnp.arange(spec.n_micro)))
     n_sum = stats["count"]
     denom = jnp.maximum(n_sum, 1.0)
@@ -326,7 +325,7 @@ def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, f
     trainable = optax.apply_updates(trainable, updates)
     new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
     if fp8_state is not None:
-        new_state["fp8"] = F8.update_state(fp8_state, observed, spec.fp8)
+        new_state["fp8"] = update_state(fp8_state, observed, spec.fp8)
     metrics = {"loss": s_sum / denom, "grad_norm": grad_norm, "tokens": stats["tokens"]}
     if spec.dpo is not None:
         metrics.update({k: stats[k] / denom for k in REWARD_METRICS})
@@ -337,7 +336,7 @@ def eval_sums(spec: StepSpec, params, lora_params, batch, fp8_state=None):
     """With FP8, the forward of the deployed model: quantised inputs and weights, the state's scales."""
     if spec.lora is None:
         lora_params = None
-    hidden, head = M.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+    hidden, head = model.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                              lora_params=lora_params, lora=spec.lora, return_hidden=True,
                              fp8=spec.fp8, fp8_state=fp8_state, scan_unroll=spec.scan_unroll)
     total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
@@ -363,7 +362,7 @@ def init_state(trainable, opt, seed: int, fp8_state=None) -> dict:
 def state_shardings(opt, trainable_abstract, trainable_shardings, mesh, fp8_abstract=None):
     """The FP8 scaling state (a few KB per layer) is replicated."""
     opt_abstract = jax.eval_shape(opt.init, trainable_abstract)
-    rep = S.replicated(mesh)
+    rep = sharding.replicated(mesh)
     opt_sh = optax.tree_map_params(opt, lambda _, sh: sh, opt_abstract, trainable_shardings,
                                    transform_non_params=lambda _: rep)
     out = {"step": rep, "trainable": trainable_shardings, "opt_state": opt_sh, "rng": rep}
@@ -460,7 +459,7 @@ class AgreedStop:
     def __init__(self, flag: StopFlag, mesh):
         self.flag, self._pending = flag, None
         if jax.process_count() > 1:
-            self._sharding, rep = S.per_device(mesh), S.replicated(mesh)
+            self._sharding, rep = sharding.per_device(mesh), sharding.replicated(mesh)
             self._local = len(mesh.local_devices)
             self._max = jax.jit(jnp.max, out_shardings=rep)
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from nemo_jax import fp8 as F8
+from nemo_jax import fp8
 from nemo_jax.checkpoint import layout
 from nemo_jax.checkpoint.host import Scratch
 from nemo_jax.checkpoint.fp8_format import quantization_config
@@ -47,7 +47,7 @@ E4M3_NP = np.dtype(ml_dtypes.float8_e4m3fn)
 # --- export -------------------------------------------------------------------------------------------
 
 
-def _scales_and_inputs(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> tuple[dict, dict]:
+def _scales_and_inputs(source, config: ModelConfig, spec: fp8.Fp8Spec, opts) -> tuple[dict, dict]:
     """{target: weight scales}, {target: input scales} as numpy ([L] for layer targets)."""
     amaxes = {}  # one leaf in memory at a time; max|W| is exact in any dtype
     for leaf in layout.LEAVES:
@@ -61,21 +61,21 @@ def _scales_and_inputs(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> t
         if group:
             amaxes[t] = np.max([amaxes[u] for u in group], axis=0)
     # the very function the QAT forward computes its weight scales with: bitwise the same scales
-    w_scales = {t: np.asarray(jax.jit(F8.weight_scale)(jnp.asarray(a, jnp.float32))) for t, a in amaxes.items()}
+    w_scales = {t: np.asarray(jax.jit(fp8.weight_scale)(jnp.asarray(a, jnp.float32))) for t, a in amaxes.items()}
     state = getattr(source, "fp8_state", None)
     if state is None:
         if not getattr(opts, "calibration", ()):
             raise UserError(f"{source.path}: --format hf-fp8 needs static input scales: this checkpoint was not "
                             "trained with FP8, so give --calibration-data FILE (post-training quantisation)")
         state = calibrate(source, config, spec, opts)
-    inputs = {t: np.asarray(F8.site_state(state, t)["x"]["scale"], np.float32) for t in spec.targets}
+    inputs = {t: np.asarray(fp8.site_state(state, t)["x"]["scale"], np.float32) for t in spec.targets}
     return w_scales, inputs
 
 
 def export_hf_fp8(source, out: Path, opts) -> None:
     config = source.config_for(None)
     run_spec = getattr(source, "fp8_spec", None)
-    spec = run_spec or F8.Fp8Spec(recipe="delayed", amax_history=1)
+    spec = run_spec or fp8.Fp8Spec(recipe="delayed", amax_history=1)
     spec = dataclasses.replace(spec, quantize_grads=False, base_fp8=False)
     dense_dtype = opts.dtype or "bfloat16"
     dense_np = np.dtype(jnp.dtype(dense_dtype))
@@ -102,7 +102,7 @@ def export_hf_fp8(source, out: Path, opts) -> None:
         size += nbytes
     files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     total = sum(math.prod(e[2]) * e[1].itemsize for e in entries)
-    quantize = jax.jit(lambda x, s: F8.quantize(x, s, F8.E4M3))
+    quantize = jax.jit(lambda x, s: fp8.quantize(x, s, fp8.E4M3))
     scratch, current, value = Scratch(), None, None
     with progress_bar(total, opts.progress, "export hf-fp8") as bar:
         for f, shard in zip(files, shards):
@@ -132,12 +132,12 @@ def export_hf_fp8(source, out: Path, opts) -> None:
 # --- calibration (post-training quantisation) -----------------------------------------------------------
 
 
-def calibrate(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> dict:
+def calibrate(source, config: ModelConfig, spec: fp8.Fp8Spec, opts) -> dict:
     """An FP8 state whose input scales are the max amax seen over the calibration batches.
 
     The forward runs with current scaling (each activation quantised with its own amax), the
     closest thing to the deployed model before its static scales exist."""
-    from nemo_jax import model as M
+    from nemo_jax import model
     from nemo_jax.data import make_eval_batches
     from nemo_jax.losses import chunked_nll_sum
     from nemo_jax.tokenizer import tokenizer_for
@@ -147,13 +147,13 @@ def calibrate(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> dict:
         params[leaf.path] = jnp.asarray(source.read_leaf(leaf, "float32"))
     params = layout.nest(params)
     cal = dataclasses.replace(spec, recipe="current", quantize_grads=False)
-    state0, probes = M.init_fp8(config, cal)
+    state0, probes = model.init_fp8(config, cal)
     tokenizer = tokenizer_for(config, getattr(opts, "tokenizer", None))
 
     @jax.jit
     def observe(batch):
         def loss(p):
-            hidden, head = M.forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+            hidden, head = model.forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
                                      return_hidden=True, fp8=cal, fp8_state=state0, fp8_probes=p)
             return chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], 512, jnp.float32)
         return jax.grad(loss)(probes)
@@ -166,7 +166,7 @@ def calibrate(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> dict:
         for batch in make_eval_batches(path, tokenizer, opts.calibration_seq_len, opts.calibration_batch_size):
             obs = observe({k: jnp.asarray(batch[k]) for k in ("tokens", "targets", "loss_mask", "segment_ids",
                                                               "positions")})
-            seen = obs if seen is None else F8.combine_observations(seen, obs)
+            seen = obs if seen is None else fp8.combine_observations(seen, obs)
             n += 1
             if n >= opts.calibration_batches:
                 break
@@ -174,7 +174,7 @@ def calibrate(source, config: ModelConfig, spec: F8.Fp8Spec, opts) -> dict:
             break
     if seen is None:
         raise UserError(f"--calibration-data: no batches in {', '.join(opts.calibration)}")
-    return F8.update_state(state0, seen, cal)
+    return fp8.update_state(state0, seen, cal)
 
 
 # --- reading an FP8 export for simulated evaluation ------------------------------------------------------
@@ -190,7 +190,7 @@ def is_fp8_checkpoint(path: Path) -> bool:
         return False
 
 
-def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, F8.Fp8Spec, dict]:
+def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, fp8.Fp8Spec, dict]:
     """(config, params, spec, state) of an FP8 HF checkpoint, its quantised kernels kept in e4m3 with
     their weight scales and input scales in the state: `forward(..., fp8=spec, fp8_state=state)` is
     the served model's computation (static input quantisation, e4m3 x scale weights)."""
@@ -204,7 +204,7 @@ def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, F8.Fp8Spec, dict]:
                                          source.abstract(None)))  # dequantised; the quantised kernels replaced below
     if not fmt.static_inputs:
         raise UserError(f"{path}: dynamic activation scales; simulated evaluation needs static input_scale tensors")
-    spec = F8.Fp8Spec(recipe="delayed", amax_history=1, targets=fmt.targets, base_fp8=True, quantize_grads=False)
+    spec = fp8.Fp8Spec(recipe="delayed", amax_history=1, targets=fmt.targets, base_fp8=True, quantize_grads=False)
     state, _ = _init_state(config, spec)
     params = jax.tree.map(lambda x: x, params)
     state = jax.tree.map(lambda x: x, state)
@@ -225,10 +225,10 @@ def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, F8.Fp8Spec, dict]:
             e = f.entries[name]
             out = kern[j] if leaf.stacked else kern
             layout.to_ours(leaf, "hf", lambda r0, r1: f.read(name, rows=(r0, r1)).view(e.dtype), config, out, scratch)
-        site = F8.site_state(state, t)
+        site = fp8.site_state(state, t)
         one = (lambda a: a) if leaf.stacked else (lambda a: a[0])
         site["weight_scale"] = jnp.asarray(one(ws))
-        site["x"] = {"amax_history": jnp.asarray(one(xs))[..., None] * F8.fp8_max(F8.E4M3),
+        site["x"] = {"amax_history": jnp.asarray(one(xs))[..., None] * fp8.fp8_max(fp8.E4M3),
                      "scale": jnp.asarray(one(xs))}
         node = params
         for k in leaf.path[:-1]:
@@ -237,7 +237,7 @@ def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, F8.Fp8Spec, dict]:
     return config, params, spec, state
 
 
-def _init_state(config: ModelConfig, spec: F8.Fp8Spec):
-    from nemo_jax import model as M
+def _init_state(config: ModelConfig, spec: fp8.Fp8Spec):
+    from nemo_jax import model
 
-    return M.init_fp8(config, spec)
+    return model.init_fp8(config, spec)
