@@ -184,3 +184,21 @@ def test_bitsandbytes_4bit_checkpoint_loads_as_is(base):
     np.testing.assert_allclose(np.asarray(M.logits(config, q, tokens)), theirs, atol=1e-4)
     plain_config, dequantized = nemo_jax.load(tmp / "bnb4")  # eval.py, convert: the model bitsandbytes computes
     np.testing.assert_allclose(np.asarray(M.logits(plain_config, dequantized, tokens)), theirs, atol=1e-4)
+
+
+def test_nf4_base_from_a_training_run(tmp_path):
+    """A full fine-tuning run as the QLoRA base: its weights read a leaf at a time (only the leaves asked
+    for), quantised as one device quantises the whole run."""
+    from nemo_jax import sharding as S
+    from nemo_jax.trainer import make_layout, model_config_for, restore_quantized_base, train
+
+    run = tmp_path / "full"
+    train(load_config(ROOT / "configs/tiny.yaml", [f"output_dir={run}", "train.steps=1", "checkpoint.async_save=false",
+                                                   f"data.train=[{ROOT / 'tests/fixtures/data/tiny_train.jsonl'}]"]))
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.preset=null", f"model.checkpoint={run}", "lora.enabled=true",
+                                                   "lora.quantize_base=nf4"])
+    got = restore_quantized_base(run, make_layout(cfg, model_config_for(cfg), S.make_mesh()), None)
+    want = jax.jit(QB.quantize_params, static_argnums=(1, 2))(nemo_jax.load(run)[1], M.LORA_TARGETS,
+                                                                QB.BaseQuant("nf4"))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))

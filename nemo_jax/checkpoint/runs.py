@@ -241,10 +241,12 @@ class RunSource(ParamsSource):
     lora_params = property(lambda self: self._arrays[1])
     fp8_state = property(lambda self: self._arrays[2])
 
-    def restore(self, abstract) -> dict:
+    def restore(self, abstract, leaves: list[layout.Leaf] | None = None) -> dict:
         if self.lora is None and not (self.fp8_spec is not None and self.fp8_spec.base_fp8):
+            if leaves is not None:  # only those (a QLoRA base is read a leaf at a time): orbax reads no more
+                abstract = layout.nest({leaf.path: layout.get_path(abstract, leaf.path) for leaf in leaves})
             return restore_arrays(*run_checkpoint(self.path), {"trainable": abstract})["trainable"]
-        return super().restore(abstract)
+        return super().restore(abstract, leaves)
 
     def read_leaf(self, leaf, dtype, layers=None, on_bytes=None, out=None) -> np.ndarray:
         t = target_at(leaf.path)
