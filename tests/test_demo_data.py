@@ -71,3 +71,14 @@ def test_eval_records_are_not_train_records():
 
 def test_demo_data_stays_small():
     assert sum(p.stat().st_size for p in DEMO.glob("*.jsonl")) < 3_000_000
+
+
+def test_call_ids_count_the_calls_of_each_conversation():
+    # The ids are counted, not drawn (make_demo_data.call_id): each conversation's calls are call00001,
+    # call00002, ... in order, and every tool result answers the call before it with that id.
+    for name in ("tools_train.jsonl", "tools_eval.jsonl"):
+        for i, rec in enumerate(_records(name)):
+            ids = [c["id"] for m in rec["messages"] for c in m.get("tool_calls", [])]
+            assert ids == [f"call{n:05d}" for n in range(1, len(ids) + 1)], (name, i, ids)
+            results = [m["tool_call_id"] for m in rec["messages"] if m["role"] == "tool"]
+            assert results == ids, (name, i)
