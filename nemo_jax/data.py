@@ -82,7 +82,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nemo_jax.errors import UserError
-from nemo_jax.packing import check_shape, materialize, mixture_seed, next_row
+from nemo_jax.packing import Mixture, check_shape, materialize, next_row
 from nemo_jax.records import EXTENSIONS as _EXTENSIONS
 from nemo_jax.records import SAVED_EXTENSION, DataSource, as_source, normalize, resolve, source_files  # noqa: F401
 
@@ -400,8 +400,6 @@ def load_documents(path, tokenizer, *, skip_bad_records=False, num_proc=None, ca
 class PackedIterator:
     """Endless packed training batches from weighted sources; see the module docstring."""
 
-    _BLOCK = 4096  # mixture draws are generated in blocks of this many
-
     def __init__(self, sources, seq_len, batch_size, seed, *, weights=None, pad_id=0, process_index=0, process_count=1):
         self.sources = list(sources)
         self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, int(seed), pad_id
@@ -410,8 +408,9 @@ class PackedIterator:
         w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
         if self.seed < 0 or not self.sources or len(w) != len(self.sources) or not (w > 0).all():
             raise UserError(f"need a seed >= 0 and one positive weight per source, got seed {seed}, weights {list(w)}")
-        self._p = w / w.sum()
-        self._perm_cache, self._draw_cache = {}, {}
+        self._mix = Mixture(self.seed, w)
+        self._p = self._mix.p
+        self._perm_cache = {}
         self.restore({"seed": self.seed, "draws": 0, "epochs": [0] * len(self.sources),
                       "positions": [0] * len(self.sources), "pending": None})  # fmt: skip
 
@@ -445,15 +444,6 @@ class PackedIterator:
     def summary(self) -> str:
         return "\n".join(f"{s.summary()} (weight {p:.3f})" for s, p in zip(self.sources, self._p))
 
-    def _source(self, draw: int) -> int:
-        if len(self.sources) == 1:
-            return 0
-        block = draw // self._BLOCK
-        if block not in self._draw_cache:
-            rng = np.random.default_rng(mixture_seed(self.seed, block))
-            self._draw_cache = {block: rng.choice(len(self.sources), self._BLOCK, p=self._p)}
-        return int(self._draw_cache[block][draw % self._BLOCK])
-
     def _permutation(self, src: int, epoch: int) -> np.ndarray:
         if self._perm_cache.get(src, (None,))[0] != epoch:
             perm = np.random.default_rng([self.seed, 2, src, epoch]).permutation(len(self.sources[src]))
@@ -461,7 +451,7 @@ class PackedIterator:
         return self._perm_cache[src][1]
 
     def _next_doc(self):
-        src = self._source(self._draws)
+        src = self._mix.source(self._draws)
         self._draws += 1
         doc = int(self._permutation(src, self._epochs[src])[self._positions[src]])
         self._positions[src] += 1

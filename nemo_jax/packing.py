@@ -71,6 +71,27 @@ def check_shape(seq_len, batch_size, process_index, process_count) -> int:
     return batch_size // process_count
 
 
-def mixture_seed(seed: int, block: int) -> list[int]:
-    """The generator seed of mixture draws [block * n, (block + 1) * n): one stream for every pipeline."""
-    return [seed, 1, block]
+class Mixture:
+    """Which source each draw comes from: source i with probability w_i / sum(w), draw n's choice a pure
+    function of (seed, n), so a restored draw count continues the same sequence. One stream for every
+    pipeline (in-memory, streamed, preference pairs)."""
+
+    BLOCK = 4096  # draws are generated in blocks of this many
+
+    def __init__(self, seed: int, weights):
+        w = np.asarray(weights, np.float64)
+        if not len(w) or not (w > 0).all():
+            raise UserError(f"need one positive weight per source, got {list(w)}")
+        self.seed, self.p, self._cache = int(seed), w / w.sum(), {}
+
+    def __len__(self) -> int:
+        return len(self.p)
+
+    def source(self, draw: int) -> int:
+        if len(self.p) == 1:
+            return 0
+        block, i = divmod(draw, self.BLOCK)
+        if block not in self._cache:
+            rng = np.random.default_rng([self.seed, 1, block])
+            self._cache = {block: rng.choice(len(self.p), self.BLOCK, p=self.p)}
+        return int(self._cache[block][i])

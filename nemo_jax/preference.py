@@ -36,7 +36,7 @@ import numpy as np
 
 from nemo_jax.data import check_records, read_records, record_where
 from nemo_jax.errors import UserError
-from nemo_jax.packing import check_shape, empty_batch, mixture_seed
+from nemo_jax.packing import Mixture, check_shape, empty_batch
 from nemo_jax.records import as_source, resolve
 
 log = logging.getLogger(__name__)
@@ -202,19 +202,18 @@ class PairIterator:
     source i with probability w_i / sum(w), as data.py mixes documents, and each source cycles through
     its own permutations, drawn from (seed, source, epoch)."""
 
-    _BLOCK = 4096  # mixture draws are generated in blocks of this many
-
     def __init__(self, pairs, seq_len: int, batch_size: int, seed: int, *, weights=None, pad_id=0,
                  process_index=0, process_count=1):  # fmt: skip
         self.sources = [pairs] if isinstance(pairs, Pairs) else list(pairs)
         self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, int(seed), pad_id
         self._local = check_shape(seq_len, batch_size, process_index, process_count)
         self._first = process_index * self._local
-        w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
-        if not self.sources or len(w) != len(self.sources) or not (w > 0).all():
+        w = weights if weights is not None else [1.0] * len(self.sources)
+        if not self.sources or len(w) != len(self.sources):
             raise UserError(f"need one positive weight per preference source, got {list(w)}")
-        self._p = w / w.sum()
-        self._perms, self._draw_cache = {}, {}
+        self._mix = Mixture(self.seed, w)
+        self._p = self._mix.p
+        self._perms = {}
         if len(self.sources) == 1:
             self.restore({"seed": self.seed, "epoch": 0, "position": 0, "num_pairs": len(self.sources[0])})
         else:
@@ -247,18 +246,9 @@ class PairIterator:
     def summary(self) -> str:
         return "\n".join(f"{s.summary()} (weight {p:.3f})" for s, p in zip(self.sources, self._p))
 
-    def _source(self) -> int:
-        if len(self.sources) == 1:
-            return 0
-        block, i = divmod(self._draws, self._BLOCK)
-        self._draws += 1
-        if block not in self._draw_cache:
-            rng = np.random.default_rng(mixture_seed(self.seed, block))
-            self._draw_cache = {block: rng.choice(len(self.sources), self._BLOCK, p=self._p)}
-        return int(self._draw_cache[block][i])
-
     def _next_pair(self) -> tuple[int, int]:
-        src = self._source()
+        src = self._mix.source(self._draws)
+        self._draws += len(self.sources) > 1  # one source: the state holds no draws
         epoch = self._epochs[src]
         if self._perms.get(src, (None,))[0] != epoch:
             key = [self.seed, 3, epoch] if len(self.sources) == 1 else [self.seed, 3, src, epoch]

@@ -44,7 +44,7 @@ import numpy as np
 
 from nemo_jax.data import check_records, parse_source, record_where, records_from, tokenize_records
 from nemo_jax.errors import UserError
-from nemo_jax.packing import check_shape, materialize, mixture_seed, next_row
+from nemo_jax.packing import Mixture, check_shape, materialize, next_row
 from nemo_jax.records import DataSource, RemoteFile, stream_files
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,6 @@ class _Reader:
 class StreamingIterator:
     """Endless packed training batches from streamed, weighted sources; see the module docstring."""
 
-    _BLOCK = 4096  # mixture draws are generated in blocks of this many
-
     def __init__(self, sources: list[StreamSource], seq_len, batch_size, seed, *, weights=None, pad_id=0,
                  process_index=0, process_count=1):  # fmt: skip
         self.sources = list(sources)
@@ -186,8 +184,9 @@ class StreamingIterator:
         w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
         if self.seed < 0 or not self.sources or len(w) != len(self.sources) or not (w > 0).all():
             raise UserError(f"need a seed >= 0 and one positive weight per source, got seed {seed}, weights {list(w)}")
-        self._p = w / w.sum()
-        self._draw_cache, self._readers, self._restored = {}, [], None
+        self._mix = Mixture(self.seed, w)
+        self._p = self._mix.p
+        self._readers, self._restored = [], None
         self.restore({"format": "stream", "seed": self.seed, "draws": 0, "pending": None,
                       "sources": [{"epoch": 0, "window": 0, "start": [0, 0, 0], "taken": 0} for _ in self.sources],
                       "files": [s.names for s in self.sources]})  # fmt: skip
@@ -250,17 +249,8 @@ class StreamingIterator:
             lines.append(line)
         return "\n".join(lines)
 
-    def _source(self, draw: int) -> int:
-        if len(self.sources) == 1:
-            return 0
-        block = draw // self._BLOCK
-        if block not in self._draw_cache:
-            rng = np.random.default_rng(mixture_seed(self.seed, block))
-            self._draw_cache = {block: rng.choice(len(self.sources), self._BLOCK, p=self._p)}
-        return int(self._draw_cache[block][draw % self._BLOCK])
-
     def _next_doc(self):
-        src = self._source(self._draws)
+        src = self._mix.source(self._draws)
         self._draws += 1
         while self._taken[src] == len(self._windows[src].docs):  # lazily: the window holds the last doc taken
             w = self._readers[src].get()
