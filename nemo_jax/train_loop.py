@@ -432,9 +432,14 @@ class StopFlag:
             self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+        if exc_type is SystemExit:  # stopping on a signal, ours or a peer's, with the checkpoint saved
+            # A scheduler sends SIGTERM to every process, seconds apart: one that arrives while this
+            # process exits (jax.distributed's shutdown barrier) would kill it there, and its peers
+            # would then abort in that barrier.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:

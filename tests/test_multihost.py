@@ -177,3 +177,23 @@ def test_process_rows_come_from_the_devices_slices():
     assert S.process_rows(_Sharding([(0, 8), (0, 8), (8, 16), (8, 16)]), (32, 32)) == (0, 2)
     with pytest.raises(UserError, match="not one contiguous block"):
         S.process_rows(_Sharding([(0, 4), (8, 12)]), (16, 32))
+
+
+def test_a_stopping_process_ignores_a_repeated_sigterm():
+    """After the stop (checkpoint saved, sys.exit), a scheduler's SIGTERM that reaches a process while it
+    exits must not kill it in jax.distributed's shutdown barrier (its peers would abort there)."""
+    import sys as _sys
+
+    from nemo_jax.train_loop import StopFlag
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with StopFlag():
+            assert signal.getsignal(signal.SIGTERM) not in (before, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) is before  # a run that finishes restores the handler
+        with pytest.raises(SystemExit):
+            with StopFlag():
+                _sys.exit(143)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
