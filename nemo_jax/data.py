@@ -405,11 +405,7 @@ class PackedIterator:
         self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, int(seed), pad_id
         self._local = check_shape(seq_len, batch_size, process_index, process_count)
         self._first_row = process_index * self._local
-        w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
-        if self.seed < 0 or not self.sources or len(w) != len(self.sources) or not (w > 0).all():
-            raise UserError(f"need a seed >= 0 and one positive weight per source, got seed {seed}, weights {list(w)}")
-        self._mix = Mixture(self.seed, w)
-        self._p = self._mix.p
+        self._mix = Mixture(self.seed, weights, len(self.sources))
         self._perm_cache = {}
         self.restore({"seed": self.seed, "draws": 0, "epochs": [0] * len(self.sources),
                       "positions": [0] * len(self.sources), "pending": None})  # fmt: skip
@@ -442,7 +438,7 @@ class PackedIterator:
         return self._epochs[0]
 
     def summary(self) -> str:
-        return "\n".join(f"{s.summary()} (weight {p:.3f})" for s, p in zip(self.sources, self._p))
+        return "\n".join(f"{s.summary()} (weight {p:.3f})" for s, p in zip(self.sources, self._mix.p))
 
     def _permutation(self, src: int, epoch: int) -> np.ndarray:
         if self._perm_cache.get(src, (None,))[0] != epoch:

@@ -78,10 +78,11 @@ class Mixture:
 
     BLOCK = 4096  # draws are generated in blocks of this many
 
-    def __init__(self, seed: int, weights):
-        w = np.asarray(weights, np.float64)
-        if not len(w) or not (w > 0).all():
-            raise UserError(f"need one positive weight per source, got {list(w)}")
+    def __init__(self, seed: int, weights, n_sources: int):
+        """`weights`: one per source (None: equal)."""
+        w = np.asarray(weights if weights is not None else [1.0] * n_sources, np.float64)
+        if int(seed) < 0 or not n_sources or len(w) != n_sources or not (w > 0).all():
+            raise UserError(f"need a seed >= 0 and one positive weight per source, got seed {seed}, weights {list(w)}")
         self.seed, self.p, self._cache = int(seed), w / w.sum(), {}
 
     def __len__(self) -> int:

@@ -36,8 +36,9 @@ import numpy as np
 
 from nemo_jax.data import check_records, read_records, record_where
 from nemo_jax.errors import UserError
-from nemo_jax.packing import Mixture, check_shape, empty_batch
-from nemo_jax.records import as_source, resolve
+from nemo_jax.packing import Mixture, check_shape
+from nemo_jax.packing import materialize as materialize_rows
+from nemo_jax.records import as_source, rename_columns, resolve
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,7 @@ def _records(path: str, columns=()):
             continue
         if isinstance(rec, dict):
             rec = {k: v for k, v in rec.items() if v is not None}  # parquet fills absent fields with nulls
-            if columns:
-                values = {canonical: rec.pop(field, None) for canonical, field in columns}
-                rec.update({k: v for k, v in values.items() if v is not None})
+            rec = rename_columns(rec, columns)
             for k in ("messages", "tools", "chosen", "rejected", "prompt"):
                 if isinstance(rec.get(k), str) and rec[k][:1] in "[{":  # nested data stored as JSON text (parquet)
                     try:
@@ -177,22 +176,16 @@ def load_pairs(source, tokenizer, seq_len: int, *, skip_bad_records: bool = Fals
 
 def materialize(pairs, rows: list, seq_len: int, pad_id: int) -> dict:
     """One batch: row r holds pair rows[r] of `pairs` (a Pairs), or (source, pair) of `pairs` (a list of
-    Pairs); None: an empty row."""
-    batch = empty_batch(len(rows), seq_len, pad_id)
-    for r, p in enumerate(rows):
-        if p is None:
-            continue
-        ids_c, m_c, ids_r, m_r = pairs.sides[p] if isinstance(pairs, Pairs) else pairs[p[0]].sides[p[1]]
-        t = 0
-        for seg, (ids, mask) in enumerate(((ids_c, m_c), (ids_r, m_r)), 1):
-            n = len(ids) - 1
-            batch["tokens"][r, t:t + n] = ids[:-1]
-            batch["targets"][r, t:t + n] = ids[1:]
-            batch["loss_mask"][r, t:t + n] = mask[1:]
-            batch["segment_ids"][r, t:t + n] = seg
-            batch["positions"][r, t:t + n] = np.arange(n)
-            t += n
-    return batch
+    Pairs); None: an empty row. The pair's sides are the row's two segments (packing.materialize)."""
+    def sides(p):
+        return pairs.sides[p] if isinstance(pairs, Pairs) else pairs[p[0]].sides[p[1]]
+
+    def get(_, side, start, stop):  # side: (pair, 0 for chosen or 1 for rejected)
+        ids, mask = sides(side[0])[2 * side[1] : 2 * side[1] + 2]
+        return ids[start:stop], mask[start:stop]
+
+    segments = [[] if p is None else [(0, (p, k), 0, len(sides(p)[2 * k]) - 1) for k in (0, 1)] for p in rows]
+    return materialize_rows(segments, seq_len, pad_id, get)
 
 
 class PairIterator:
@@ -208,11 +201,7 @@ class PairIterator:
         self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, int(seed), pad_id
         self._local = check_shape(seq_len, batch_size, process_index, process_count)
         self._first = process_index * self._local
-        w = weights if weights is not None else [1.0] * len(self.sources)
-        if not self.sources or len(w) != len(self.sources):
-            raise UserError(f"need one positive weight per preference source, got {list(w)}")
-        self._mix = Mixture(self.seed, w)
-        self._p = self._mix.p
+        self._mix = Mixture(self.seed, weights, len(self.sources))
         self._perms = {}
         if len(self.sources) == 1:
             self.restore({"seed": self.seed, "epoch": 0, "position": 0, "num_pairs": len(self.sources[0])})
@@ -244,7 +233,7 @@ class PairIterator:
             self._epochs, self._positions = list(map(int, state["epochs"])), list(map(int, state["positions"]))
 
     def summary(self) -> str:
-        return "\n".join(f"{s.summary()} (weight {p:.3f})" for s, p in zip(self.sources, self._p))
+        return "\n".join(f"{s.summary()} (weight {p:.3f})" for s, p in zip(self.sources, self._mix.p))
 
     def _next_pair(self) -> tuple[int, int]:
         src = self._mix.source(self._draws)

@@ -212,23 +212,16 @@ def stream_files(source) -> list:
     source = as_source(source)
     if not source.path.startswith("hf:"):
         return resolve(source)
-    repo, revision, subset, split = parse_hf(source)
-    spec = source.path
-    readme = hub.dataset_file(spec, repo, revision, "README.md")
-    declared = _declared_files(readme, subset, spec) if readme else None
+    card = _card(source)
+    spec, repo, revision, _, split, declared = card
     with hub.hub_errors(spec, repo, revision, kind="dataset"):
         listing = hub.repo_files(repo, revision, "dataset") if declared is not None else None
     if listing is None:
-        return resolve(source)
+        return _hub_files(source, card)
     split = _pick_split(spec, split, declared)
     # fnmatch's `*` also crosses `/`: the card's patterns (data/train-*) then match as huggingface_hub's do
     files = sorted(f for f in listing if any(fnmatch.fnmatchcase(f, p) for p in declared[split]))
-    bad = [f for f in files if not f.endswith(EXTENSIONS)]
-    if bad:
-        raise UserError(f"{spec}: {os.path.basename(bad[0])}: only {'/'.join(EXTENSIONS)} data files are read")
-    if not files:
-        raise UserError(f"{spec}: no data files for split {split!r}")
-    return [RemoteFile(f, spec, repo, revision) for f in files]
+    return [RemoteFile(f, spec, repo, revision) for f in _checked(spec, files, split)]
 
 
 def _pick_split(what: str, split: str | None, splits) -> str:
@@ -263,13 +256,29 @@ def _saved_files(source: DataSource) -> list[str] | None:
     return files
 
 
-def _hub_files(source: DataSource) -> list[str]:
+def _card(source: DataSource):
+    """(spec, repo, revision, subset, split, {split: patterns} the dataset card declares, or None)."""
     from nemo_jax import hub
 
     repo, revision, subset, split = parse_hf(source)
-    spec = source.path
-    readme = hub.dataset_file(spec, repo, revision, "README.md")
-    declared = _declared_files(readme, subset, spec) if readme else None
+    readme = hub.dataset_file(source.path, repo, revision, "README.md")
+    return source.path, repo, revision, subset, split, _declared_files(readme, subset, source.path) if readme else None
+
+
+def _checked(spec: str, files: list, split: str) -> list:
+    bad = [f for f in files if not f.endswith(EXTENSIONS)]
+    if bad:
+        raise UserError(f"{spec}: {os.path.basename(bad[0])}: only {'/'.join(EXTENSIONS)} data files are read")
+    if not files:
+        raise UserError(f"{spec}: no data files for split {split!r}")
+    return files
+
+
+def _hub_files(source: DataSource, card=None) -> list[str]:
+    """The split's files, downloaded (`card`: _card(source), if already read)."""
+    from nemo_jax import hub
+
+    spec, repo, revision, subset, split, declared = card or _card(source)
     if declared is not None:  # only the split's own files
         split = _pick_split(spec, split, declared)
         patterns = declared[split]
@@ -287,12 +296,7 @@ def _hub_files(source: DataSource) -> list[str]:
         data_files = builder.config.data_files or {}
         split = _pick_split(spec, split, data_files)
         files = sorted(str(f) for f in data_files[split])
-    bad = [f for f in files if not f.endswith(EXTENSIONS)]
-    if bad:
-        raise UserError(f"{spec}: {os.path.basename(bad[0])}: only {'/'.join(EXTENSIONS)} data files are read")
-    if not files:
-        raise UserError(f"{spec}: no data files for split {split!r}")
-    return files
+    return _checked(spec, files, split)
 
 
 def _declared_files(readme, subset: str | None, spec: str) -> dict[str, list[str]] | None:
@@ -335,15 +339,22 @@ def _declared_files(readme, subset: str | None, spec: str) -> dict[str, list[str
 # ---- record formats ----------------------------------------------------------------------------
 
 
+def rename_columns(rec: dict, columns=()) -> dict:
+    """A record with each (canonical, field) pair of `columns` applied: rec[field] moved to rec[canonical]."""
+    if not columns:
+        return rec
+    rec = dict(rec)
+    values = {canonical: rec.pop(field, None) for canonical, field in columns}
+    rec.update({k: v for k, v in values.items() if v is not None})
+    return rec
+
+
 def normalize(rec, columns=()) -> dict:
     """One record -> {"text": str} or {"messages": list, "tools": list | None}; UserError(reason) if it fits
     no format (module docstring)."""
     if not isinstance(rec, dict):
         raise UserError(f"a record must be a JSON object, got {type(rec).__name__}")
-    if columns:
-        rec = dict(rec)
-        values = {canonical: rec.pop(field, None) for canonical, field in columns}
-        rec.update({k: v for k, v in values.items() if v is not None})
+    rec = rename_columns(rec, columns)
     get = lambda k: rec.get(k)  # noqa: E731
     if get("chosen") is not None and get("rejected") is not None:  # preference.py reads these
         raise UserError("a preference pair ('chosen' / 'rejected') is training data for train.objective: dpo")

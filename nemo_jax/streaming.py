@@ -79,7 +79,7 @@ class StreamSource:
         if i not in self._fetches:
             f = self.files[i]
             if isinstance(f, RemoteFile):
-                self._fetches[i] = self._pool.submit(lambda: (path := f.local(), check_records(path))[0])
+                self._fetches[i] = self._pool.submit(_download_checked, f)
             else:
                 self._fetches[i] = concurrent.futures.Future()
                 self._fetches[i].set_result(f)
@@ -127,6 +127,12 @@ class StreamSource:
         if w.end[0] >= len(self.files):
             return w.epoch + 1, 0, [0, 0, 0]
         return w.epoch, w.index + 1, w.end
+
+
+def _download_checked(f: RemoteFile) -> str:
+    path = f.local()
+    check_records(path)  # as a local file's are before step 0
+    return path
 
 
 class _Reader:
@@ -181,11 +187,7 @@ class StreamingIterator:
         self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, int(seed), pad_id
         self._local = check_shape(seq_len, batch_size, process_index, process_count)
         self._first_row = process_index * self._local
-        w = np.asarray(weights if weights is not None else [1.0] * len(self.sources), np.float64)
-        if self.seed < 0 or not self.sources or len(w) != len(self.sources) or not (w > 0).all():
-            raise UserError(f"need a seed >= 0 and one positive weight per source, got seed {seed}, weights {list(w)}")
-        self._mix = Mixture(self.seed, w)
-        self._p = self._mix.p
+        self._mix = Mixture(self.seed, weights, len(self.sources))
         self._readers, self._restored = [], None
         self.restore({"format": "stream", "seed": self.seed, "draws": 0, "pending": None,
                       "sources": [{"epoch": 0, "window": 0, "start": [0, 0, 0], "taken": 0} for _ in self.sources],
@@ -242,7 +244,7 @@ class StreamingIterator:
 
     def summary(self) -> str:
         lines = []
-        for s, p in zip(self.sources, self._p):
+        for s, p in zip(self.sources, self._mix.p):
             line = f"{s.source}: streamed, {len(s.files)} files, windows of {s.window} records (weight {p:.3f})"
             if s.bad:
                 line += f"; skipped {s.bad} bad records in its first pass so far (first: {s.bad_example})"
