@@ -128,11 +128,11 @@ def _generate(params, lora_params, prompts: Prompts, sampling: Sampling, *, spec
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return sample(logits, jax.random.fold_in(key, step), sampling.temperature, sampling.top_k, sampling.top_p)
 
-    run = functools.partial(model.forward, spec.config, params, lora_params=lora_params, lora=spec.lora,
+    run = functools.partial(model.forward, spec.config, params, adapters=model.Adapters.of(spec.lora, lora_params),
                             return_hidden=True)
     cache = model.init_cache(spec.config, B, spec.cache_len)
-    (hidden, head), cache = run(prompts.tokens, prompts.positions, prompts.valid.astype(jnp.int32), cache=cache,
-                                cache_index=0)
+    (hidden, head), cache = run(prompts.tokens, prompts.positions, prompts.valid.astype(jnp.int32),
+                                decoding=model.Decoding(cache, 0))
     tok = choose(_last_logits(hidden, head, prompts.last), 0)
     out = jnp.zeros((B, spec.cache_len - T), jnp.int32).at[:, 0].set(tok)
     eos_id = sampling.eos_id
@@ -145,7 +145,7 @@ def _generate(params, lora_params, prompts: Prompts, sampling: Sampling, *, spec
 
     def body(state):
         step, tok, pos, cache, done, out = state  # tok (chosen at step - 1) goes in at slot T + step - 1
-        (hidden, head), cache = run(tok[:, None], pos[:, None], cache=cache, cache_index=T + step - 1)
+        (hidden, head), cache = run(tok[:, None], pos[:, None], decoding=model.Decoding(cache, T + step - 1))
         new = choose(_last_logits(hidden, head, jnp.zeros((B,), jnp.int32)), step)
         new = jnp.where(done, PAD_ID, new)
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))

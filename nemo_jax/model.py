@@ -532,41 +532,95 @@ def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, *,
-            lora_params: dict | None = None, lora: LoraSpec | None = None, return_hidden=False,
-            rngs=None, deterministic=True, remat: str = "none", cache: dict | None = None, cache_index=None,
-            fp8: F8.Fp8Spec | None = None, fp8_state: dict | None = None, fp8_probes: dict | None = None,
-            scan_unroll: int = 1):
-    """The model's output; with a `cache` (see `init_cache`), (output, updated cache).
+# What `forward` runs besides the base weights comes in one small frozen object per role, so that a
+# call names the roles it uses (`adapters=`, `fp8=`, `decoding=`, `loop=`) and a spec never travels
+# without its arrays. Those holding arrays are pytrees (their specs static): they may cross a jit
+# boundary as they are.
 
-    With `fp8`, the targeted matmuls are fake-quantised with the scales in `fp8_state`; the
-    gradient of the output with respect to `fp8_probes` (zeros from `init_fp8`) is each site's amax.
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["spec"])
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """LoRA adapters to apply: their `lora` collection (lora.init_lora's layout) and its spec."""
+
+    spec: LoraSpec
+    params: dict
+
+    @classmethod
+    def of(cls, spec: LoraSpec | None, params: dict | None) -> Adapters | None:
+        """Adapters when both halves are given, else None (no adapters), as `logits` and `generate` take them."""
+        return cls(spec, params) if spec is not None and params is not None else None
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["state", "probes"], meta_fields=["spec"])
+@dataclasses.dataclass(frozen=True)
+class Fp8Scaling:
+    """FP8 fake quantisation of the targeted matmuls: the recipe, its scaling state (`init_fp8`'s
+    first half) and optionally the zero probes whose gradient is each site's amax (its second half)."""
+
+    spec: F8.Fp8Spec
+    state: dict
+    probes: dict | None = None
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["cache", "index"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """A decoding call: the KV cache (`init_cache`) and `index`, the slot of tokens[:, 0]. A Python 0
+    is a prefill (the cache is not read), so build it inside the jitted function."""
+
+    cache: dict
+    index: int | jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLoop:
+    """How the layer loop is compiled, not what it computes: the remat policy of each block
+    (REMAT_POLICIES) and the layers per iteration of the scan (hashable: a jit static argument)."""
+
+    remat: str = "none"
+    unroll: int = 1
+
+
+def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_ids=None, *,
+            adapters: Adapters | None = None, fp8: Fp8Scaling | None = None, decoding: Decoding | None = None,
+            dropout_rng=None, loop: LayerLoop = LayerLoop(), return_hidden: bool = False):
+    """The model's output, logits [B, T, V] or with `return_hidden` (hidden [B, T, D], lm head);
+    with `decoding`, (output, updated cache).
+
+    `dropout_rng`: a key turns the adapters' dropout on (training); None is deterministic. With
+    `fp8`, the targeted matmuls are fake-quantised with the scales in `fp8.state`; the gradient of
+    the output with respect to `fp8.probes` (zeros from `init_fp8`) is each site's amax.
     """
-    model = make_model(config, lora if lora_params is not None else None, remat, deterministic, fp8, scan_unroll)
+    lora = adapters.spec if adapters is not None else None
+    model = make_model(config, lora, loop.remat, dropout_rng is None, fp8.spec if fp8 is not None else None,
+                       loop.unroll)
     variables = {"params": params}
-    if lora_params is not None:
-        variables["lora"] = lora_params
+    if adapters is not None:
+        variables["lora"] = adapters.params
     if fp8 is not None:
-        if fp8_state is None:
-            raise ValueError("forward with fp8 needs fp8_state (see init_fp8)")
-        variables["fp8"] = fp8_state
-        if fp8_probes is not None:
-            variables["fp8_obs"] = fp8_probes
+        if fp8.state is None:
+            raise ValueError("forward with fp8 needs its scaling state (see init_fp8)")
+        variables["fp8"] = fp8.state
+        if fp8.probes is not None:
+            variables["fp8_obs"] = fp8.probes
     if isinstance(params.get("layers"), (list, tuple)):  # unstack_layers' layout: a Python loop of blocks
-        if cache is not None:
+        if decoding is not None:
             raise ValueError("decoding with a cache takes stacked params (model.stack_layers)")
         model = model.clone(unstacked=True)
         variables = {k: _per_layer_modules(v, config.n_layers) for k, v in variables.items()}
     if "fp8_obs" in variables:  # after any per-layer slicing: the probes' max-gradient dtype has no slice
         variables["fp8_obs"] = F8.as_probes(variables["fp8_obs"])
-    return model.apply(variables, tokens, positions, segment_ids, return_hidden=return_hidden, rngs=rngs,
+    cache, cache_index = (decoding.cache, decoding.index) if decoding is not None else (None, None)
+    return model.apply(variables, tokens, positions, segment_ids, return_hidden=return_hidden,
+                       rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
                        cache=cache, cache_index=cache_index)
 
 
 def init_cache(config: ModelConfig, batch_size: int, length: int, dtype=None) -> dict:
     """An empty KV cache of `length` slots per row: {k, v: [L, B, K, S, H], valid: bool [B, S]}.
 
-    A plain pytree threaded through `forward(..., cache=, cache_index=)`: the stacked k/v are the
+    A plain pytree threaded through `forward(..., decoding=Decoding(cache, index))`: the stacked k/v are the
     scanned layers' xs and come back as their ys. Keys are stored after rope, in the compute dtype.
     """
     shape = (config.n_layers, batch_size, config.n_kv_heads, length, config.head_dim)
@@ -584,6 +638,6 @@ def logits(config: ModelConfig, params: dict, tokens, positions=None, segment_id
 
 _logits_jit = jax.jit(
     lambda config, lora, params, tokens, positions, segment_ids, lora_params: forward(
-        config, params, tokens, positions, segment_ids, lora_params=lora_params, lora=lora),
+        config, params, tokens, positions, segment_ids, adapters=Adapters.of(lora, lora_params)),
     static_argnums=(0, 1),
 )

@@ -177,6 +177,25 @@ def dpo_pair_loss(policy, reference, beta: float, label_smoothing: float = 0.0):
     return loss, rewards[:, 0], rewards[:, 1]
 
 
+def trained_forward(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8_probes=None):
+    """(hidden, lm head) of the model being trained on `batch`: LoRA adapters (`trainable`) on the
+    frozen base, or the trained weights themselves; with the spec's dropout, FP8 and remat."""
+    adapters = model.Adapters(spec.lora, trainable) if spec.lora is not None else None
+    fp8 = model.Fp8Scaling(spec.fp8, fp8_state, fp8_probes) if spec.fp8 is not None else None
+    return model.forward(spec.config, frozen if adapters is not None else trainable, batch["tokens"],
+                         batch["positions"], batch["segment_ids"], adapters=adapters, fp8=fp8,
+                         dropout_rng=rng if spec.dropout else None,
+                         loop=model.LayerLoop(spec.remat, spec.scan_unroll), return_hidden=True)
+
+
+def plain_forward(spec: StepSpec, params, batch, adapters=None, fp8=None):
+    """(hidden, lm head) of `params` on `batch` for a pass without gradient (evaluation, the DPO
+    reference, the distillation teacher): no dropout, no remat."""
+    return model.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                         adapters=adapters, fp8=fp8, loop=model.LayerLoop(unroll=spec.scan_unroll),
+                         return_hidden=True)
+
+
 def pair_logps(hidden, head, batch, chunk: int, dtype):
     """[B, 2] sums of the masked token log-probabilities of each row's segment 1 (chosen) and 2
     (rejected), no gradient, and the [B, T, 2] masks they summed over."""
@@ -195,20 +214,10 @@ def dpo_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8_
     NLL with per-token weights d loss / d log p(pair side), which has the same derivative, so the
     [B, T, V] logits never exist whole, forward or backward (one extra forward pass of the head).
     """
-    if spec.lora is not None:
-        params, lora_params = frozen, trainable
-    else:
-        params, lora_params = trainable, None
     dtype = jnp.dtype(spec.config.dtype)
-    hidden, head = model.forward(
-        spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-        lora_params=lora_params, lora=spec.lora, return_hidden=True,
-        rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat,
-        fp8=spec.fp8, fp8_state=fp8_state, fp8_probes=fp8_probes, scan_unroll=spec.scan_unroll)
+    hidden, head = trained_forward(spec, trainable, frozen, batch, rng, fp8_state, fp8_probes)
     # The reference: the starting model's plain forward (LoRA: the base without adapters), no gradient
-    r_hidden, r_head = jax.lax.stop_gradient(model.forward(
-        spec.config, frozen, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
-        scan_unroll=spec.scan_unroll))
+    r_hidden, r_head = jax.lax.stop_gradient(plain_forward(spec, frozen, batch))
     policy, w = pair_logps(hidden, head, batch, spec.loss_chunk, dtype)
     reference, _ = pair_logps(r_hidden, r_head, batch, spec.loss_chunk, dtype)
     valid = (jnp.sum(w[..., 0], axis=1) > 0).astype(jnp.float32)  # rows of the last eval batch may be empty
@@ -234,15 +243,10 @@ def dpo_eval_sums(spec: StepSpec, params, lora_params, reference_params, batch):
     """(sum of the per-pair DPO loss, stats as dpo_sums) without gradient. LoRA: the reference is
     `params` without adapters (reference_params unused); else `reference_params`."""
     dtype = jnp.dtype(spec.config.dtype)
-    if spec.lora is None:
-        lora_params = None
-    else:
+    if spec.lora is not None:
         reference_params = params
-    hidden, head = model.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                             lora_params=lora_params, lora=spec.lora, return_hidden=True,
-                             scan_unroll=spec.scan_unroll)
-    r_hidden, r_head = model.forward(spec.config, reference_params, batch["tokens"], batch["positions"],
-                                 batch["segment_ids"], return_hidden=True, scan_unroll=spec.scan_unroll)
+    hidden, head = plain_forward(spec, params, batch, model.Adapters.of(spec.lora, lora_params))
+    r_hidden, r_head = plain_forward(spec, reference_params, batch)
     policy, w = pair_logps(hidden, head, batch, spec.loss_chunk, dtype)
     reference, _ = pair_logps(r_hidden, r_head, batch, spec.loss_chunk, dtype)
     valid = (jnp.sum(w[..., 0], axis=1) > 0).astype(jnp.float32)
@@ -253,21 +257,11 @@ def dpo_eval_sums(spec: StepSpec, params, lora_params, reference_params, batch):
 def loss_sums(spec: StepSpec, trainable, frozen, batch, rng, fp8_state=None, fp8_probes=None):
     """(sum of the per-token loss, trained-token count) for one micro-batch: next-token NLL, or with
     spec.distill the KL divergence from the teacher's next-token distribution."""
-    if spec.lora is not None:
-        params, lora_params = frozen, trainable
-    else:
-        params, lora_params = trainable, None
-    hidden, head = model.forward(
-        spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-        lora_params=lora_params, lora=spec.lora, return_hidden=True,
-        rngs={"dropout": rng} if spec.dropout else None, deterministic=not spec.dropout, remat=spec.remat,
-        fp8=spec.fp8, fp8_state=fp8_state, fp8_probes=fp8_probes, scan_unroll=spec.scan_unroll)
+    hidden, head = trained_forward(spec, trainable, frozen, batch, rng, fp8_state, fp8_probes)
     if spec.distill:
         # The teacher runs its plain forward (no FP8, no adapters, no dropout) and gets no gradient:
         # nothing of it is kept for the backward pass but its hidden states.
-        t_hidden, t_head = jax.lax.stop_gradient(model.forward(
-            spec.config, frozen, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
-            scan_unroll=spec.scan_unroll))
+        t_hidden, t_head = jax.lax.stop_gradient(plain_forward(spec, frozen, batch))
         total = chunked_kl_sum(hidden, head, t_hidden, t_head, batch["loss_mask"], spec.loss_chunk,
                                jnp.dtype(spec.config.dtype))
     else:
@@ -334,11 +328,8 @@ def train_step(spec: StepSpec, opt: optax.GradientTransformation, state: dict, f
 
 def eval_sums(spec: StepSpec, params, lora_params, batch, fp8_state=None):
     """With FP8, the forward of the deployed model: quantised inputs and weights, the state's scales."""
-    if spec.lora is None:
-        lora_params = None
-    hidden, head = model.forward(spec.config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                             lora_params=lora_params, lora=spec.lora, return_hidden=True,
-                             fp8=spec.fp8, fp8_state=fp8_state, scan_unroll=spec.scan_unroll)
+    fp8 = model.Fp8Scaling(spec.fp8, fp8_state) if spec.fp8 is not None else None
+    hidden, head = plain_forward(spec, params, batch, model.Adapters.of(spec.lora, lora_params), fp8)
     total = chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], spec.loss_chunk,
                             jnp.dtype(spec.config.dtype))
     return total, token_count(batch["loss_mask"])

@@ -201,10 +201,10 @@ def test_lora_qat_frozen_fp8_base():
     adapters = lora_lib.init_lora(CFG, lora, jax.random.key(1))
     toks = make_batch()["tokens"]
     ev = dataclasses.replace(spec, quantize_grads=False)
-    with_lora = M.forward(CFG, qparams, toks, lora_params=adapters, lora=lora, fp8=ev, fp8_state=qstate)
+    with_lora = M.forward(CFG, qparams, toks, adapters=M.Adapters(lora, adapters), fp8=M.Fp8Scaling(ev, qstate))
     plain_spec = dataclasses.replace(ev, base_fp8=False)
     strip = lambda d: {k: strip(v) for k, v in d.items() if k != "weight_scale"} if isinstance(d, dict) else d
-    plain = M.forward(CFG, params, toks, fp8=plain_spec, fp8_state=strip(qstate))
+    plain = M.forward(CFG, params, toks, fp8=M.Fp8Scaling(plain_spec, strip(qstate)))
     np.testing.assert_allclose(np.asarray(with_lora), np.asarray(plain), atol=2e-5)
     # it trains: only the adapters move, the e4m3 base stays as it is
     states, losses = run_qat(spec, 1, 10, make_batch(), qparams, lora, adapters, qstate)
@@ -285,14 +285,14 @@ def test_hf_fp8_export_loads_in_transformers_with_our_logits(runs, tmp_path, kin
     with torch.no_grad():
         ref = model(torch.tensor(toks)).logits.numpy()
     config, params, spec, state = load_fp8_export(out)
-    ours = M.forward(config.replace(dtype="float32"), params, jnp.asarray(toks), fp8=spec, fp8_state=state)
+    ours = M.forward(config.replace(dtype="float32"), params, jnp.asarray(toks), fp8=M.Fp8Scaling(spec, state))
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
     # a full fine-tune's own FP8-simulated forward (eval.py on the run directory) is the export's;
     # a LoRA run's adds its adapter in high precision on the FP8 base, and the export merges it first
     config, params, lora_params, lspec = load_run(qat)
     params, (espec, estate) = load_fp8_for_eval(str(qat), params)
-    run = M.forward(config, params, jnp.asarray(toks), lora_params=lora_params, lora=lspec, fp8=espec,
-                    fp8_state=estate)
+    run = M.forward(config, params, jnp.asarray(toks), adapters=M.Adapters.of(lspec, lora_params),
+                    fp8=M.Fp8Scaling(espec, estate))
     if kind == "full":
         np.testing.assert_allclose(np.asarray(run), ref, atol=1e-4)
     else:  # the merge moves some weights across an e4m3 rounding boundary: close, not equal
@@ -442,9 +442,8 @@ def test_distillation_loss_is_the_kl_from_the_unquantised_model(tmp_path):
     spec = F8.Fp8Spec(amax_history=4, quantize_grads=False, recipe="current")
     state0 = M.init_fp8(CFG, spec, None)[0]
     # the reference: full-vocabulary KL between the plain and the FP8-simulated forward
-    fwd = jax.jit(lambda p, st: jax.nn.log_softmax(M.forward(CFG, p, batch["tokens"], fp8=spec if st else None,
-                                                             fp8_state=st), -1))
-    t_logp, s_logp = fwd(params, None), fwd(params, state0)
+    fwd = jax.jit(lambda p, fp8: jax.nn.log_softmax(M.forward(CFG, p, batch["tokens"], fp8=fp8), -1))
+    t_logp, s_logp = fwd(params, None), fwd(params, M.Fp8Scaling(spec, state0))  # (a pytree: a jit argument)
     ref = float(jnp.mean(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), -1)))
     assert ref > 0
     opt = optax.adam(1e-4)  # a QAT learning rate: larger Adam steps add more error than they remove

@@ -65,11 +65,11 @@ def test_new_token_mask_literal():
 def test_prefill_and_decode_logits_equal_the_full_forward(params, prompts):
     tokens = np.array([prompts[1][:16]])
     want = np.asarray(M.logits(CFG, params, tokens))
-    step = jax.jit(lambda p, t, c, i: M.forward(CFG, p, t, cache=c, cache_index=i))
-    got, cache = step(params, tokens[:, :10], M.init_cache(CFG, 1, 32), 0)
+    step = jax.jit(lambda p, t, decoding: M.forward(CFG, p, t, decoding=decoding))  # (a pytree: a jit argument)
+    got, cache = step(params, tokens[:, :10], M.Decoding(M.init_cache(CFG, 1, 32), 0))
     np.testing.assert_allclose(np.asarray(got), want[:, :10], atol=1e-5, rtol=0)
     for t in range(10, 16):
-        got, cache = step(params, tokens[:, t:t + 1], cache, t)
+        got, cache = step(params, tokens[:, t:t + 1], M.Decoding(cache, t))
         np.testing.assert_allclose(np.asarray(got)[:, 0], want[:, t], atol=1e-5, rtol=0)
 
 

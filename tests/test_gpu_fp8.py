@@ -117,7 +117,7 @@ def test_fp8_forward_is_one_e4m3_gemm_per_projection_and_layer():
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
 
     def fwd(params, state, tokens):
-        return M.forward(CONFIG, params, tokens, fp8=spec, fp8_state=state, scan_unroll=CONFIG.n_layers)
+        return M.forward(CONFIG, params, tokens, fp8=M.Fp8Scaling(spec, state), loop=M.LayerLoop(unroll=CONFIG.n_layers))
 
     hlo = compile_for_gpu(fwd, v["params"], v["fp8"], tokens)
     program = aot.report(hlo)

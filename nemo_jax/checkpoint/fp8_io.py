@@ -154,7 +154,7 @@ def calibrate(source, config: ModelConfig, spec: fp8.Fp8Spec, opts) -> dict:
     def observe(batch):
         def loss(p):
             hidden, head = model.forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                     return_hidden=True, fp8=cal, fp8_state=state0, fp8_probes=p)
+                                         fp8=model.Fp8Scaling(cal, state0, p), return_hidden=True)
             return chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], 512, jnp.float32)
         return jax.grad(loss)(probes)
 
@@ -192,7 +192,7 @@ def is_fp8_checkpoint(path: Path) -> bool:
 
 def load_fp8_export(path: Path) -> tuple[ModelConfig, dict, fp8.Fp8Spec, dict]:
     """(config, params, spec, state) of an FP8 HF checkpoint, its quantised kernels kept in e4m3 with
-    their weight scales and input scales in the state: `forward(..., fp8=spec, fp8_state=state)` is
+    their weight scales and input scales in the state: `forward(..., fp8=Fp8Scaling(spec, state))` is
     the served model's computation (static input quantisation, e4m3 x scale weights)."""
     path = Path(path)
     source = SafetensorsSource(path, "hf")
