@@ -39,10 +39,10 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from nemo_jax import backend
-from nemo_jax import fp8 as F8
-from nemo_jax import quant_base as QB
+from nemo_jax import fp8, quant_base
 from nemo_jax.attention import attention, cached_attention, new_token_mask, rope
 from nemo_jax.config import PROJECTIONS, ModelConfig
+from nemo_jax.fp8 import Fp8Spec, as_probes  # by name: `fp8` is also a field and forward's argument
 from nemo_jax.sharding import constrain
 
 LORA_TARGETS = tuple(PROJECTIONS)
@@ -150,7 +150,7 @@ class Linear(nn.Module):
     param_dtype: jnp.dtype
     lora: LoraSpec | None = None
     deterministic: bool = True
-    fp8: F8.Fp8Spec | None = None
+    fp8: Fp8Spec | None = None
 
     @nn.compact
     def __call__(self, x, weight_amax=None):
@@ -158,7 +158,7 @@ class Linear(nn.Module):
         fan_in = int(np.prod(self.in_shape))
         if self.has_variable("params", "codes") or self.has_variable("params", "int8"):
             # a quantised base (quant_base.py): this layer's kernel, dequantised right here
-            kernel = QB.dequantize_kernel(self.variables["params"], self.in_shape, self.out_shape, self.dtype)
+            kernel = quant_base.dequantize_kernel(self.variables["params"], self.in_shape, self.out_shape, self.dtype)
         else:
             kernel = self.param(
                 "kernel",
@@ -195,20 +195,20 @@ class Linear(nn.Module):
         quantised input, in the compute dtype, as a served FP8 base with a LoRA adapter on top
         (vLLM) computes it."""
         spec = self.fp8
-        x_meta = self.variable("fp8", "x", F8.new_meta, spec.amax_history).value
-        x_scale = F8.input_scale(spec, h, x_meta)
+        x_meta = self.variable("fp8", "x", fp8.new_meta, spec.amax_history).value
+        x_scale = fp8.input_scale(spec, h, x_meta)
         if spec.base_fp8:
             w_scale = self.variable("fp8", "weight_scale", lambda: jnp.ones((), jnp.float32)).value
-        if kernel.dtype != F8.E4M3:  # (an FP8-stored base is already quantised, with its scale above)
-            w_scale = F8.weight_scale(jax.lax.stop_gradient(F8.amax(kernel) if weight_amax is None else weight_amax))
+        if kernel.dtype != fp8.E4M3:  # (an FP8-stored base is already quantised, with its scale above)
+            w_scale = fp8.weight_scale(jax.lax.stop_gradient(fp8.amax(kernel) if weight_amax is None else weight_amax))
         g_meta = g_probe = None
         if spec.quantize_grads:
-            g_meta = self.variable("fp8", "g", F8.new_meta, spec.amax_history).value
+            g_meta = self.variable("fp8", "g", fp8.new_meta, spec.amax_history).value
             g_probe = _probe(self, "g")
-        y = F8.matmul(h, kernel, n_in, x_scale, w_scale, _probe(self, "x"), g_meta, g_probe,
+        y = fp8.matmul(h, kernel, n_in, x_scale, w_scale, _probe(self, "x"), g_meta, g_probe,
                       spec.recipe == "current", spec.margin)
         if self.lora is not None:
-            h = F8.quantize_weight(h, x_scale)
+            h = fp8.quantize_weight(h, x_scale)
         return h, y
 
 
@@ -220,21 +220,21 @@ def _probe(module: nn.Module, name: str):
     return jnp.zeros((), jnp.float32)
 
 
-def _fp8_for(fp8: F8.Fp8Spec | None, target: str) -> F8.Fp8Spec | None:
-    return fp8 if fp8 is not None and fp8.applies(target) else None
+def _fp8_for(spec: Fp8Spec | None, target: str) -> Fp8Spec | None:
+    return spec if spec is not None and spec.applies(target) else None
 
 
-def _shared_amax(module: nn.Module, fp8: F8.Fp8Spec | None, targets: tuple[str, ...]) -> dict:
+def _shared_amax(module: nn.Module, spec: Fp8Spec | None, targets: tuple[str, ...]) -> dict:
     """{target: the amax its weight scale is taken from} for the targeted kernels among `targets`
     that share one scale (empty: each its own; also at init and for an FP8-stored base, whose
     scales were shared when it was quantised)."""
-    group = fp8.shared_group(targets[0]) if fp8 is not None else None
+    group = spec.shared_group(targets[0]) if spec is not None else None
     if group is None or module.is_initializing() or "params" not in module.variables:
         return {}
     kernels = [module.variables["params"][t]["kernel"] for t in group]
-    if any(k.dtype == F8.E4M3 for k in kernels):
+    if any(k.dtype == fp8.E4M3 for k in kernels):
         return {}  # an FP8-stored base: its scales were shared when it was quantised
-    amaxes = [F8.amax(k) for k in kernels]
+    amaxes = [fp8.amax(k) for k in kernels]
     shared = functools.reduce(jnp.maximum, amaxes)
     return {t: shared for t in group}
 
@@ -252,7 +252,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype
     lora: LoraSpec | None = None
     deterministic: bool = True
-    fp8: F8.Fp8Spec | None = None
+    fp8: Fp8Spec | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=None):
@@ -293,7 +293,7 @@ class Mlp(nn.Module):
     param_dtype: jnp.dtype
     lora: LoraSpec | None = None
     deterministic: bool = True
-    fp8: F8.Fp8Spec | None = None
+    fp8: Fp8Spec | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -311,7 +311,7 @@ class Block(nn.Module):
     config: ModelConfig
     lora: LoraSpec | None = None
     deterministic: bool = True
-    fp8: F8.Fp8Spec | None = None
+    fp8: Fp8Spec | None = None
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=None):
@@ -332,7 +332,7 @@ class Transformer(nn.Module):
     lora: LoraSpec | None = None
     remat: str = "none"
     deterministic: bool = True
-    fp8: F8.Fp8Spec | None = None
+    fp8: Fp8Spec | None = None
     # Layers per iteration of the scanned loop (stacked params): unrolling trades compile time for no
     # per-iteration dynamic slicing of the stacked weights and no zero-filled stacked gradient
     # buffers (see model.scan_unroll in the README).
@@ -420,18 +420,18 @@ class _Fp8Head(nn.Module):
     """Forward-only FP8 qdq of the LM head's input and kernel (the fused cross-entropy keeps the
     logits' gradient in the compute dtype)."""
 
-    fp8: F8.Fp8Spec
+    fp8: Fp8Spec
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x, head):
-        meta = self.variable("fp8", "x", F8.new_meta, self.fp8.amax_history).value
-        x = F8.quantize_input(x, F8.input_scale(self.fp8, x, meta), _probe(self, "x"))
-        if head.dtype == F8.E4M3:
-            head = F8.dequantize(head, self.variable("fp8", "weight_scale", lambda: jnp.ones((), jnp.float32)).value,
+        meta = self.variable("fp8", "x", fp8.new_meta, self.fp8.amax_history).value
+        x = fp8.quantize_input(x, fp8.input_scale(self.fp8, x, meta), _probe(self, "x"))
+        if head.dtype == fp8.E4M3:
+            head = fp8.dequantize(head, self.variable("fp8", "weight_scale", lambda: jnp.ones((), jnp.float32)).value,
                                  self.dtype)
         else:
-            head = F8.quantize_weight(head, F8.weight_scale(jax.lax.stop_gradient(F8.amax(head))))
+            head = fp8.quantize_weight(head, fp8.weight_scale(jax.lax.stop_gradient(fp8.amax(head))))
         return x, head
 
 
@@ -451,7 +451,7 @@ class _Param(nn.Module):
 
 
 def make_model(config: ModelConfig, lora: LoraSpec | None = None, remat: str = "none",
-               deterministic: bool = True, fp8: F8.Fp8Spec | None = None, scan_unroll: int = 1) -> Transformer:
+               deterministic: bool = True, fp8: Fp8Spec | None = None, scan_unroll: int = 1) -> Transformer:
     if lora is not None and lora.rank == 0:
         lora = None
     return Transformer(config, lora, remat, deterministic, fp8, scan_unroll)
@@ -461,17 +461,17 @@ def _dummy_inputs():
     return jnp.zeros((1, 1), jnp.int32)
 
 
-def init_boxed(config: ModelConfig, rng, lora: LoraSpec | None = None, fp8: F8.Fp8Spec | None = None):
+def init_boxed(config: ModelConfig, rng, lora: LoraSpec | None = None, fp8: Fp8Spec | None = None):
     """Variables with their logical-axis metadata boxes (use under eval_shape for specs)."""
     return make_model(config, lora, fp8=fp8).init(rng, _dummy_inputs())
 
 
-def init_params(config: ModelConfig, rng, lora: LoraSpec | None = None, fp8: F8.Fp8Spec | None = None) -> dict:
+def init_params(config: ModelConfig, rng, lora: LoraSpec | None = None, fp8: Fp8Spec | None = None) -> dict:
     """Random variables as plain dicts: {'params':..., 'lora':... (with lora), 'fp8', 'fp8_obs' (with fp8)}."""
     return nn.meta.unbox(jax.jit(lambda r: init_boxed(config, r, lora, fp8))(rng))
 
 
-def abstract_variables(config: ModelConfig, lora: LoraSpec | None = None, fp8: F8.Fp8Spec | None = None):
+def abstract_variables(config: ModelConfig, lora: LoraSpec | None = None, fp8: Fp8Spec | None = None):
     """ShapeDtypeStructs of every variable, allocating nothing (works for the 12B preset on a laptop)."""
     return nn.meta.unbox(jax.eval_shape(lambda: init_boxed(config, jax.random.key(0), lora, fp8)))
 
@@ -482,7 +482,7 @@ def logical_axes(config: ModelConfig, lora: LoraSpec | None = None):
     return nn.get_partition_spec(boxed)
 
 
-def init_fp8(config: ModelConfig, fp8: F8.Fp8Spec, lora: LoraSpec | None = None) -> tuple[dict, dict]:
+def init_fp8(config: ModelConfig, fp8: Fp8Spec, lora: LoraSpec | None = None) -> tuple[dict, dict]:
     """(fp8 scaling state, zero probes) for a model: scales 1, empty histories."""
     v = jax.eval_shape(lambda: nn.meta.unbox(init_boxed(config, jax.random.key(0), lora, fp8)))
     zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
@@ -558,7 +558,7 @@ class Fp8Scaling:
     """FP8 fake quantisation of the targeted matmuls: the recipe, its scaling state (`init_fp8`'s
     first half) and optionally the zero probes whose gradient is each site's amax (its second half)."""
 
-    spec: F8.Fp8Spec
+    spec: Fp8Spec
     state: dict
     probes: dict | None = None
 
@@ -610,7 +610,7 @@ def forward(config: ModelConfig, params: dict, tokens, positions=None, segment_i
         model = model.clone(unstacked=True)
         variables = {k: _per_layer_modules(v, config.n_layers) for k, v in variables.items()}
     if "fp8_obs" in variables:  # after any per-layer slicing: the probes' max-gradient dtype has no slice
-        variables["fp8_obs"] = F8.as_probes(variables["fp8_obs"])
+        variables["fp8_obs"] = as_probes(variables["fp8_obs"])
     cache, cache_index = (decoding.cache, decoding.index) if decoding is not None else (None, None)
     return model.apply(variables, tokens, positions, segment_ids, return_hidden=return_hidden,
                        rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
