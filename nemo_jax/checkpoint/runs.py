@@ -92,15 +92,6 @@ def restore_arrays(mngr: ocp.CheckpointManager, step: int, targets: dict) -> dic
     return restored["state"]
 
 
-def latest_step(run_dir: Path) -> int | None:
-    ckpt = Path(run_dir) / "checkpoints"
-    if not ckpt.is_dir():
-        return None
-    mngr = ocp.CheckpointManager(ckpt.absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_names=("state", "meta"))
-    return mngr.latest_step()
-
-
 def write_json_atomic(path: Path, obj) -> None:
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w") as f:
