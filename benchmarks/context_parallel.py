@@ -162,7 +162,7 @@ def compile_step(devices, T, strategy, dtype):
     from nemo_jax import train_loop as TL
     from nemo_jax.config import ModelConfig
     from nemo_jax.run_config import config_from_dict
-    from nemo_jax.trainer import make_layout
+    from nemo_jax.trainer import make_step_setup
 
     config = ModelConfig(vocab_size=8192, dim=1024, n_layers=2, n_heads=32, n_kv_heads=8, head_dim=128,
                          hidden_dim=2048, max_seq_len=T, dtype=dtype, param_dtype="float32")
@@ -171,11 +171,11 @@ def compile_step(devices, T, strategy, dtype):
         "train": {"steps": 1, "batch_size": 1, "seq_len": T, "lr": 1e-4, "loss_chunk": 2048},
         "lora": {"enabled": True, "rank": 16},
         "mesh": {"sequence": N_DEVICES, "context_parallel": strategy}})
-    layout = make_layout(cfg, config, S.make_mesh(sequence=N_DEVICES, devices=list(devices)))
-    state, frozen = layout.abstract_step_inputs()
-    batch = {k: jax.ShapeDtypeStruct((1, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=layout.batch_sh)
+    setup = make_step_setup(cfg, config, S.make_mesh(sequence=N_DEVICES, devices=list(devices)))
+    state, frozen = setup.abstract_step_inputs()
+    batch = {k: jax.ShapeDtypeStruct((1, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=setup.batch_sh)
              for k in TL.BATCH_KEYS}
-    return layout.step_fn().lower(state, frozen, batch).compile()
+    return setup.step_fn().lower(state, frozen, batch).compile()
 
 
 def report(name, compiled, seconds, flops=None):

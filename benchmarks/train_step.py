@@ -190,7 +190,7 @@ def jax_worker(args, cfg: dict, work: Path) -> None:
              "loss_mask": jnp.ones((B, T), jnp.float32), "segment_ids": jnp.ones((B, T), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
     spec = TL.StepSpec(c, None, "none", 1, args.loss_chunk, scan_unroll=args.scan_unroll)
-    if spec.per_layer:  # the trainer's layout for an unrolled loop (trainer.Layout)
+    if spec.per_layer:  # the trainer's layout for an unrolled loop (trainer.StepSetup)
         params = M.unstack_layers(params)
     state = TL.init_state(params, opt, 0)
     del params

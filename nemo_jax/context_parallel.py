@@ -25,7 +25,7 @@ of two strategies, `mesh.context_parallel`:
 
 Load balance (zigzag). Under causality the later tokens see more keys, so a contiguous split
 gives the last device n times the first one's work. The step lays the sequence out zigzag
-(`to_layout`, applied inside the jitted step, `trainer.Layout.step_fn`): T is cut into 2n chunks
+(`to_layout`, applied inside the jitted step, `trainer.StepSetup.step_fn`): T is cut into 2n chunks
 and device i holds chunks i and 2n - 1 - i, so every device has one early and one late chunk and
 every hop costs every device the same two chunk-pairs of work. Every batch array (tokens, targets,
 loss mask, segment ids, positions) is reordered the same way: positions are explicit per token,

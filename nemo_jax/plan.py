@@ -59,7 +59,7 @@ class CompiledStep:
 
     cfg: object  # the RunConfig
     compiled: object  # jax.stages.Compiled
-    layout: object  # trainer.Layout
+    setup: object  # trainer.StepSetup
     devices: list
     hosts: int
     target: str | None
@@ -70,7 +70,7 @@ class CompiledStep:
 
 
 def compile_step(cfg, target: str | None = None, num_processes: int | None = None) -> CompiledStep:
-    from nemo_jax.trainer import check_run_config, make_layout, model_config_for
+    from nemo_jax.trainer import check_run_config, make_step_setup, model_config_for
 
     config = model_config_for(cfg)
     if target:
@@ -79,20 +79,20 @@ def compile_step(cfg, target: str | None = None, num_processes: int | None = Non
         devices, hosts = jax.devices(), jax.process_count()
     check_run_config(cfg, config, len(devices), hosts)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.sequence, devices=devices)
-    layout = make_layout(cfg, config, mesh)
-    state, frozen = layout.abstract_step_inputs()  # frozen: the LoRA base, distillation teacher or DPO reference
-    if frozen is not None and layout.fp8 is not None and layout.fp8.base_fp8:  # targeted kernels in e4m3
+    setup = make_step_setup(cfg, config, mesh)
+    state, frozen = setup.abstract_step_inputs()  # frozen: the LoRA base, distillation teacher or DPO reference
+    if frozen is not None and setup.fp8 is not None and setup.fp8.base_fp8:  # targeted kernels in e4m3
         from nemo_jax.fp8 import quantize_base
 
-        q = jax.eval_shape(lambda p: layout.step_params(quantize_base(p, layout.init_fp8(), layout.fp8)[0]),
-                           layout.abstract_params())
+        q = jax.eval_shape(lambda p: setup.step_params(quantize_base(p, setup.init_fp8(), setup.fp8)[0]),
+                           setup.abstract_params())
         frozen = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f.sharding), q, frozen)
     tc = cfg.train
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=layout.batch_sh) for k in train_loop.BATCH_KEYS}
-    lowered = layout.step_fn().lower(state, frozen, batch)
+                                     sharding=setup.batch_sh) for k in train_loop.BATCH_KEYS}
+    lowered = setup.step_fn().lower(state, frozen, batch)
     compiled = lowered.compile(compiler_options=GPU_PLAN_OPTIONS) if target else lowered.compile()
-    return CompiledStep(cfg, compiled, layout, list(devices), hosts, target)
+    return CompiledStep(cfg, compiled, setup, list(devices), hosts, target)
 
 
 def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
@@ -103,13 +103,13 @@ def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
     if target:
         device_memory = device_memory or aot.device_memory(target)
     step = compile_step(cfg, target, num_processes)
-    compiled, layout, devices, hosts = step.compiled, step.layout, step.devices, step.hosts
-    config, mesh, tc = layout.config, layout.mesh, cfg.train
+    compiled, setup, devices, hosts = step.compiled, step.setup, step.devices, step.hosts
+    config, mesh, tc = setup.config, setup.mesh, cfg.train
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
     n_params = model.count_params(model.abstract_variables(config)["params"])
-    n_trainable = model.count_params(layout.abstract_trainable())
+    n_trainable = model.count_params(setup.abstract_trainable())
     report = {
         "target": target or "cpu",
         "parameters": n_params,
@@ -118,7 +118,7 @@ def dry_run(cfg, device_memory: int | None = None, target: str | None = None,
         "hosts": hosts,
         "mesh": dict(mesh.shape),
         "flops_per_step": float(cost.get("flops", 0.0)) if cost else None,
-        "model_flops_per_step": train_loop.flops_per_token(config, tc.seq_len, layout.lora is not None)
+        "model_flops_per_step": train_loop.flops_per_token(config, tc.seq_len, setup.lora is not None)
         * tc.batch_size * tc.seq_len,
         "argument_bytes": int(mem.argument_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),

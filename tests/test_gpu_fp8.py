@@ -8,7 +8,7 @@ the instructions feeding the call):
 
 * the FP8 forward is one e4m3 x e4m3 GEMM per targeted projection and layer (q, k and v stay three
   GEMMs), the LM head the only other GEMM;
-* nemo_jax's real QAT step (trainer.make_layout + Layout.step_fn, as train.py runs it) has, per
+* nemo_jax's real QAT step (trainer.make_step_setup + StepSetup.step_fn, as train.py runs it) has, per
   layer, those forward GEMMs and an e5m2 x e4m3 one for each projection's input gradient; the
   e4m3-stored kernels feed them as they are (no bf16 / f32 copy of a targeted kernel anywhere);
 * a trained projection's weight gradient is an e4m3 x e5m2 GEMM as well;
@@ -86,20 +86,20 @@ def compile_for_gpu(fn, *args):
 def real_step_hlo(*overrides: str) -> str:
     """nemo_jax's train step for CONFIG on one H100, as train.py builds it (see plan.compile_step)."""
     from nemo_jax.run_config import load_config
-    from nemo_jax.trainer import make_layout
+    from nemo_jax.trainer import make_step_setup
 
     cfg = load_config("configs/tiny.yaml", ["model.dtype=bfloat16", "model.param_dtype=bfloat16",
                                             f"train.batch_size={B}", f"train.seq_len={T}",
                                             f"train.loss_chunk={T}", *overrides])
-    layout = make_layout(cfg, CONFIG, h100_mesh())
-    state, frozen = layout.abstract_step_inputs()
-    if layout.fp8 is not None and layout.fp8.base_fp8:  # the frozen base's targeted kernels in e4m3
-        q = jax.eval_shape(lambda p: layout.step_params(F8.quantize_base(p, layout.init_fp8(), layout.fp8)[0]),
-                           layout.abstract_params())
+    setup = make_step_setup(cfg, CONFIG, h100_mesh())
+    state, frozen = setup.abstract_step_inputs()
+    if setup.fp8 is not None and setup.fp8.base_fp8:  # the frozen base's targeted kernels in e4m3
+        q = jax.eval_shape(lambda p: setup.step_params(F8.quantize_base(p, setup.init_fp8(), setup.fp8)[0]),
+                           setup.abstract_params())
         frozen = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f.sharding), q, frozen)
-    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=layout.batch_sh)
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=setup.batch_sh)
              for k in TL.BATCH_KEYS}
-    return layout.step_fn().lower(state, frozen, batch).compile(compiler_options=NO_TRITON).as_text()
+    return setup.step_fn().lower(state, frozen, batch).compile(compiler_options=NO_TRITON).as_text()
 
 
 QAT = ("lora.enabled=true", "lora.rank=16", "fp8.enabled=true", "fp8.amax_history=16")

@@ -57,7 +57,7 @@ def test_shipped_configs_fit_within_the_readme_bounds(name):
 
 def test_full_fine_tune_shards_over_eight_gpus():
     step = compiled("full")
-    assert len(step.devices) == 8 and dict(step.layout.mesh.shape)["fsdp"] == 8
+    assert len(step.devices) == 8 and dict(step.setup.mesh.shape)["fsdp"] == 8
     # FSDP: each device holds an eighth of the fp32 master weights and both Adam moments.
     args = step.compiled.memory_analysis().argument_size_in_bytes
     assert args / GiB == pytest.approx(12_247_782_400 * 4 * 3 / 8 / GiB, rel=0.01)
@@ -136,7 +136,7 @@ def test_qlora_fits_the_readme_bound_without_a_full_precision_base(kind, bound, 
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
     assert peak / GiB <= bound, f"qlora {kind}: {peak / GiB:.2f} GiB per H100"
-    c = step.layout.config
+    c = step.setup.config
     D, F, N, K, H, L = c.dim, c.hidden_dim, c.n_heads, c.n_kv_heads, c.head_dim, c.n_layers
     stacked = [(D, N, H), (D, K, H), (N, H, D), (D, F), (F, D), (D, N * H), (D, K * H), (N * H, D)]
     shapes = {f"bf16[{L},{','.join(map(str, s))}]" for s in stacked}

@@ -127,7 +127,7 @@ def test_bitsandbytes_8bit_checkpoint_loads_as_is(base):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from nemo_jax import sharding as S
-    from nemo_jax.trainer import make_layout, model_config_for, restore_quantized_base
+    from nemo_jax.trainer import make_step_setup, model_config_for, restore_quantized_base
 
     tmp, path, config, params, _ = base
     hf = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
@@ -135,7 +135,8 @@ def test_bitsandbytes_8bit_checkpoint_loads_as_is(base):
     hf.save_pretrained(tmp / "bnb8")
     overrides = ["model.preset=null", f"model.checkpoint={tmp / 'bnb8'}", "lora.enabled=true", "lora.rank=4"]
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides + ["lora.quantize_base=int8"])
-    q = restore_quantized_base(cfg.model.checkpoint, make_layout(cfg, model_config_for(cfg), S.make_mesh()), "float32")
+    setup = make_step_setup(cfg, model_config_for(cfg), S.make_mesh())
+    q = restore_quantized_base(cfg.model.checkpoint, setup, "float32")
     sd = hf.state_dict()
     np.testing.assert_array_equal(np.asarray(q["layers"]["mlp"]["down"]["int8"][1]),
                                   sd["model.layers.1.mlp.down_proj.weight"].numpy().reshape(-1))
@@ -153,6 +154,7 @@ def test_bitsandbytes_8bit_checkpoint_loads_as_is(base):
     np.testing.assert_allclose(np.asarray(M.logits(plain_config, dequantized, tokens)), theirs, atol=1e-4)
     nf4 = load_config(ROOT / "configs/tiny.yaml", overrides + ["lora.quantize_base=nf4"])
     with pytest.raises(UserError, match="bitsandbytes int8; set lora.quantize_base: int8"):
-        restore_quantized_base(nf4.model.checkpoint, make_layout(nf4, model_config_for(nf4), S.make_mesh()), "float32")
+        restore_quantized_base(nf4.model.checkpoint, make_step_setup(nf4, model_config_for(nf4), S.make_mesh()),
+                               "float32")
     with pytest.raises(UserError, match="lora.double_quant: quantises NF4"):
         load_config(ROOT / "configs/tiny.yaml", overrides + ["lora.quantize_base=int8", "lora.double_quant=true"])

@@ -153,7 +153,7 @@ def test_bitsandbytes_4bit_checkpoint_loads_as_is(base):
     base unchanged, and our model's logits are transformers' own 4-bit model's."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from nemo_jax.trainer import make_layout, restore_quantized_base
+    from nemo_jax.trainer import make_step_setup, restore_quantized_base
 
     tmp, path, config, params, _ = base
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -167,8 +167,8 @@ def test_bitsandbytes_4bit_checkpoint_loads_as_is(base):
     from nemo_jax import sharding as S
     from nemo_jax.trainer import model_config_for
 
-    layout = make_layout(cfg, model_config_for(cfg), S.make_mesh())
-    q = restore_quantized_base(cfg.model.checkpoint, layout, "float32")
+    setup = make_step_setup(cfg, model_config_for(cfg), S.make_mesh())
+    q = restore_quantized_base(cfg.model.checkpoint, setup, "float32")
     want = hf.state_dict()["model.layers.1.mlp.down_proj.weight"]
     np.testing.assert_array_equal(np.asarray(q["layers"]["mlp"]["down"]["codes"][1]), want.numpy().reshape(-1))
     # the reference: transformers' fp32 model on bitsandbytes' dequantisation of the 4-bit weights
@@ -190,14 +190,14 @@ def test_nf4_base_from_a_training_run(tmp_path):
     """A full fine-tuning run as the QLoRA base: its weights read a leaf at a time (only the leaves asked
     for), quantised as one device quantises the whole run."""
     from nemo_jax import sharding as S
-    from nemo_jax.trainer import make_layout, model_config_for, restore_quantized_base, train
+    from nemo_jax.trainer import make_step_setup, model_config_for, restore_quantized_base, train
 
     run = tmp_path / "full"
     train(load_config(ROOT / "configs/tiny.yaml", [f"output_dir={run}", "train.steps=1", "checkpoint.async_save=false",
                                                    f"data.train=[{ROOT / 'tests/fixtures/data/tiny_train.jsonl'}]"]))
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.preset=null", f"model.checkpoint={run}", "lora.enabled=true",
                                                    "lora.quantize_base=nf4"])
-    got = restore_quantized_base(run, make_layout(cfg, model_config_for(cfg), S.make_mesh()), None)
+    got = restore_quantized_base(run, make_step_setup(cfg, model_config_for(cfg), S.make_mesh()), None)
     want = jax.jit(QB.quantize_params, static_argnums=(1, 2))(nemo_jax.load(run)[1], M.LORA_TARGETS,
                                                                 QB.BaseQuant("nf4"))
     assert jax.tree.structure(got) == jax.tree.structure(want)

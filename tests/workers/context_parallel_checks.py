@@ -6,7 +6,7 @@ Records (1) the largest difference of sequence-parallel attention (ring, Ulysses
 contiguous layouts) from one device's blockwise kernel, in value and in gradient, on T = 2048
 rows of packed documents that cross device boundaries; (2) which collectives the compiled CPU
 program of the ring holds; (3) the per-step losses of the tiny model trained on one device and on
-sequence-parallel meshes (through trainer.Layout.step_fn, which lays the batch out zigzag).
+sequence-parallel meshes (through trainer.StepSetup.step_fn, which lays the batch out zigzag).
 """
 
 import contextlib
@@ -26,7 +26,7 @@ from nemo_jax.config import preset
 from nemo_jax.cudnn import Emulated
 from nemo_jax.errors import UserError
 from nemo_jax.run_config import config_from_dict
-from nemo_jax.trainer import init_arrays, make_layout
+from nemo_jax.trainer import init_arrays, make_step_setup
 
 T = 2048
 
@@ -184,12 +184,12 @@ def train(mesh_shape, state, devices=None):
                   "schedule": "constant"},
         "mesh": {"data": d, "fsdp": f, "tensor": t, "sequence": s, "context_parallel": "ring"},
     })
-    layout = make_layout(cfg, CONFIG, S.make_mesh(*mesh_shape, devices=devices))
+    setup = make_step_setup(cfg, CONFIG, S.make_mesh(*mesh_shape, devices=devices))
     if state is None:
-        return layout
-    state = jax.device_put(jax.tree.map(np.asarray, state), layout.state_sh)  # a copy: the step donates it
-    batches = [{k: jax.device_put(v, layout.batch_sh) for k, v in b.items()} for b in train_batches()]
-    step = layout.step_fn().lower(state, None, batches[0]).compile()
+        return setup
+    state = jax.device_put(jax.tree.map(np.asarray, state), setup.state_sh)  # a copy: the step donates it
+    batches = [{k: jax.device_put(v, setup.batch_sh) for k, v in b.items()} for b in train_batches()]
+    step = setup.step_fn().lower(state, None, batches[0]).compile()
     losses = []
     for b in batches:
         state, m = step(state, None, b)

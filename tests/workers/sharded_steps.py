@@ -18,13 +18,13 @@ from nemo_jax import model as M
 from nemo_jax import sharding as S
 from nemo_jax.checkpoint import runs
 from nemo_jax.run_config import config_from_dict
-from nemo_jax.trainer import init_arrays, make_layout
+from nemo_jax.trainer import init_arrays, make_step_setup
 from nemo_jax.config import preset
 
 MESHES = {"data8": (8, 1, 1, 1), "fsdp8": (1, 8, 1, 1), "2x2x2": (2, 2, 2, 1), "1x2x4": (1, 2, 4, 1),
           "seq4": (1, 2, 1, 4)}
 LORA_MESHES = ("fsdp8", "2x2x2")  # LoRA changes what is trained, not how the mesh axes split it
-UNROLLED = ("2x2x2",)  # the layer loop unrolled: the step's per-layer arrays (trainer.Layout.unstacked)
+UNROLLED = ("2x2x2",)  # the layer loop unrolled: the step's per-layer arrays (trainer.StepSetup.unstacked)
 CONFIG = preset("tiny").replace(dim=64, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=256)
 
 
@@ -61,15 +61,15 @@ def batches(n=3, B=8, T=32):
 def train(mesh_shape, lora, devices=None, unroll=1, qlora=False):
     cfg = run_config(mesh_shape, lora, unroll, qlora)
     mesh = S.make_mesh(*mesh_shape, devices=devices)
-    layout = make_layout(cfg, CONFIG, mesh)
-    state, frozen = init_arrays(layout, 0, None)
-    step = layout.step_fn()
+    setup = make_step_setup(cfg, CONFIG, mesh)
+    state, frozen = init_arrays(setup, 0, None)
+    step = setup.step_fn()
     losses = []
     for b in batches():
-        b = {k: jax.device_put(v, layout.batch_sh) for k, v in b.items()}
+        b = {k: jax.device_put(v, setup.batch_sh) for k, v in b.items()}
         state, m = step(state, frozen, b)
         losses.append(float(m["loss"]))
-    return losses, state, frozen, layout
+    return losses, state, frozen, setup
 
 
 def max_shard_fraction(tree):
@@ -90,8 +90,8 @@ def main(out_path):
         for name, shape in MESHES.items():
             if lora and name not in LORA_MESHES:
                 continue
-            losses, state, frozen, layout = train(shape, lora, unroll=CONFIG.n_layers if name in UNROLLED else 1)
-            assert layout.unstacked == (name in UNROLLED)
+            losses, state, frozen, setup = train(shape, lora, unroll=CONFIG.n_layers if name in UNROLLED else 1)
+            assert setup.unstacked == (name in UNROLLED)
             if name in UNROLLED:  # each layer's arrays keep the stacked array's sharding of their axes
                 q = (frozen if lora else state["trainable"])["layers"][0]["attention"]["q"]["kernel"]
                 result[f"unrolled_q_sharding_{'lora' if lora else 'full'}"] = str(q.sharding.spec)
@@ -102,15 +102,15 @@ def main(out_path):
                 result[f"fsdp8_opt_shard_fraction_{'lora' if lora else 'full'}"] = max_shard_fraction(
                     state["opt_state"]) if not lora else None
             if name == "fsdp8" and not lora:
-                saved_state, saved_layout = state, layout
+                saved_state, saved_setup = state, setup
     for kind, meshes in (("nf4", LORA_MESHES), ("int8", ("fsdp8",))):
         ref, *_ = train((1, 1, 1, 1), True, devices=jax.devices()[:1], qlora=kind)
         result["losses"][f"single-qlora-{kind}"] = ref
         for name in meshes:
-            losses, state, frozen, layout = train(MESHES[name], True, qlora=kind,
+            losses, state, frozen, setup = train(MESHES[name], True, qlora=kind,
                                                   unroll=CONFIG.n_layers if name in UNROLLED else 1)
             result["losses"][f"{name}-qlora-{kind}"] = losses
-            assert layout.unstacked == (name in UNROLLED)
+            assert setup.unstacked == (name in UNROLLED)
             if name == "fsdp8":
                 codes = frozen["layers"]["mlp"]["down"]["codes" if kind == "nf4" else "int8"]
                 result[f"fsdp8_qlora_{kind}_codes"] = [str(codes.dtype), max_shard_fraction(codes)]
@@ -125,20 +125,20 @@ def main(out_path):
     with tempfile.TemporaryDirectory() as d:
         save_orbax(f"{d}/base", CONFIG, base)
         cfg = run_config(MESHES["fsdp8"], True, qlora="nf4")
-        got = restore_quantized_base(f"{d}/base", make_layout(cfg, CONFIG, S.make_mesh(*MESHES["fsdp8"])), None)
+        got = restore_quantized_base(f"{d}/base", make_step_setup(cfg, CONFIG, S.make_mesh(*MESHES["fsdp8"])), None)
     result["qlora_restore_fsdp8"] = [
         all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))),
         max_shard_fraction(got["layers"]["attention"]["q"]["codes"])]
     # save on fsdp=8, restore on 2x2x2 and compare values
     with tempfile.TemporaryDirectory() as d:
         mngr = runs.checkpoint_manager(d, keep=1, async_save=False)
-        runs.save_checkpoint(mngr, 3, saved_layout.to_checkpoint(saved_state), {"step": 3})
+        runs.save_checkpoint(mngr, 3, saved_setup.to_checkpoint(saved_state), {"step": 3})
         mngr.wait_until_finished()
-        target = make_layout(run_config(MESHES["2x2x2"], False), CONFIG, S.make_mesh(*MESHES["2x2x2"]))
+        target = make_step_setup(run_config(MESHES["2x2x2"], False), CONFIG, S.make_mesh(*MESHES["2x2x2"]))
         restored, _ = runs.restore_checkpoint(mngr, 3, target.abstract_state())
         # and into an unrolled run's layout on that mesh
-        unrolled = make_layout(run_config(MESHES["2x2x2"], False, CONFIG.n_layers), CONFIG,
-                               S.make_mesh(*MESHES["2x2x2"]))
+        unrolled = make_step_setup(run_config(MESHES["2x2x2"], False, CONFIG.n_layers), CONFIG,
+                                   S.make_mesh(*MESHES["2x2x2"]))
         per_layer = unrolled.from_checkpoint(restored)
         result["restored_unrolled_equal"] = all(
             bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
