@@ -566,8 +566,8 @@ class Fp8Scaling:
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["cache", "index"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class Decoding:
-    """A decoding call: the KV cache (`init_cache`) and `index`, the slot of tokens[:, 0]. A Python 0
-    is a prefill (the cache is not read), so build it inside the jitted function."""
+    """A decoding call: the KV cache (`init_cache`) and `index`, the slot of tokens[:, 0]. An index of
+    Python 0 (not a traced one, which gives the same output) is a prefill that skips reading the cache."""
 
     cache: dict
     index: int | jax.Array
