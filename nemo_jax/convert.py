@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    from nemo_jax import checkpoint as ckpt
+    from nemo_jax import calibration, checkpoint as ckpt
     from nemo_jax.checkpoint.export import parse_size
 
     progress = False if args.no_progress else None  # None: the bar shows only on a terminal
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                                   progress=progress, calibration=tuple(args.calibration_data),
                                   calibration_batches=args.calibration_batches,
                                   calibration_seq_len=args.calibration_seq_len, tokenizer=args.tokenizer,
+                                  calibrate=calibration.calibrate,
                                   gguf_type=args.gguf_type)
         ckpt.export_checkpoint(source, args.out, args.format, opts, args.force)
         kind = args.gguf_type if args.format == "gguf" else source.config_for(args.dtype).param_dtype

@@ -42,6 +42,9 @@ class ExportOptions:
     calibration_batch_size: int = 4
     calibration_seq_len: int = 512
     tokenizer: str | None = None
+    # (source, config, Fp8Spec, options) -> FP8 state with the input scales: a forward over the data,
+    # which the layers above provide (nemo_jax.calibration.calibrate; the CLI passes it)
+    calibrate: Callable | None = None
     gguf_type: str = "bf16"  # --format gguf: bf16, f16 or q8_0 (gguf_export.py)
 
 

@@ -1,4 +1,4 @@
-"""FP8 checkpoints in the HF layout: `export --format hf-fp8`, reading them back, calibration.
+"""FP8 checkpoints in the HF layout: `export --format hf-fp8` and reading them back.
 
 The export is what vLLM, TensorRT-LLM (via llm-compressor checkpoints) and transformers with
 compressed-tensors load as a static per-tensor FP8 model:
@@ -13,7 +13,8 @@ head stay bf16, and config.json carries a compressed-tensors `quantization_confi
 those the QAT forward used (fp8.weight_scales: amax / 448, shared by q/k/v and by gate/up), so
 fp8(W) x weight_scale is bitwise the qdq(W) training saw. Input scales come from the run's trained
 amax state, or for a model trained without FP8 (post-training quantisation) from a calibration
-pass over `--calibration-data`.
+pass over `--calibration-data`: `ExportOptions.calibrate`, which the CLI sets to calibration.py's
+(it runs the model on data, which is the layers above this one's to do).
 
 Reading: fp8_format.py parses the `quantization_config` (this form and vLLM's); sources.py
 dequantises such checkpoints on load, and `load_fp8_export` keeps them in FP8 for an evaluation
@@ -67,7 +68,10 @@ def _scales_and_inputs(source, config: ModelConfig, spec: fp8.Fp8Spec, opts) -> 
         if not getattr(opts, "calibration", ()):
             raise UserError(f"{source.path}: --format hf-fp8 needs static input scales: this checkpoint was not "
                             "trained with FP8, so give --calibration-data FILE (post-training quantisation)")
-        state = calibrate(source, config, spec, opts)
+        if opts.calibrate is None:
+            raise UserError("--format hf-fp8: post-training quantisation needs a calibration pass "
+                            "(ExportOptions.calibrate; python -m nemo_jax.convert sets it)")
+        state = opts.calibrate(source, config, spec, opts)
     inputs = {t: np.asarray(fp8.site_state(state, t)["x"]["scale"], np.float32) for t in spec.targets}
     return w_scales, inputs
 
@@ -127,54 +131,6 @@ def export_hf_fp8(source, out: Path, opts) -> None:
     hf = to_hf_config(config, dense_dtype)
     hf["quantization_config"] = quantization_config(config, spec.targets)
     (out / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-
-
-# --- calibration (post-training quantisation) -----------------------------------------------------------
-
-
-def calibrate(source, config: ModelConfig, spec: fp8.Fp8Spec, opts) -> dict:
-    """An FP8 state whose input scales are the max amax seen over the calibration batches.
-
-    The forward runs with current scaling (each activation quantised with its own amax), the
-    closest thing to the deployed model before its static scales exist."""
-    from nemo_jax import model
-    from nemo_jax.data import make_eval_batches
-    from nemo_jax.losses import chunked_nll_sum
-    from nemo_jax.tokenizer import tokenizer_for
-
-    params = {}
-    for leaf in layout.LEAVES:
-        params[leaf.path] = jnp.asarray(source.read_leaf(leaf, "float32"))
-    params = layout.nest(params)
-    cal = dataclasses.replace(spec, recipe="current", quantize_grads=False)
-    state0, probes = model.init_fp8(config, cal)
-    tokenizer = tokenizer_for(config, getattr(opts, "tokenizer", None))
-
-    @jax.jit
-    def observe(batch):
-        def loss(p):
-            hidden, head = model.forward(config, params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                         fp8=model.Fp8Scaling(cal, state0, p), return_hidden=True)
-            return chunked_nll_sum(hidden, head, batch["targets"], batch["loss_mask"], 512, jnp.float32)
-        return jax.grad(loss)(probes)
-
-    seen = None
-    n = 0
-    for path in opts.calibration:
-        if not Path(path).exists():
-            raise UserError(f"--calibration-data {path}: no such file")
-        for batch in make_eval_batches(path, tokenizer, opts.calibration_seq_len, opts.calibration_batch_size):
-            obs = observe({k: jnp.asarray(batch[k]) for k in ("tokens", "targets", "loss_mask", "segment_ids",
-                                                              "positions")})
-            seen = obs if seen is None else fp8.combine_observations(seen, obs)
-            n += 1
-            if n >= opts.calibration_batches:
-                break
-        if n >= opts.calibration_batches:
-            break
-    if seen is None:
-        raise UserError(f"--calibration-data: no batches in {', '.join(opts.calibration)}")
-    return fp8.update_state(state0, seen, cal)
 
 
 # --- reading an FP8 export for simulated evaluation ------------------------------------------------------
