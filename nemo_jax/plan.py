@@ -70,7 +70,8 @@ class CompiledStep:
 
 
 def compile_step(cfg, target: str | None = None, num_processes: int | None = None) -> CompiledStep:
-    from nemo_jax.trainer import check_run_config, make_step_setup, model_config_for
+    from nemo_jax.run_config import model_config_for
+    from nemo_jax.trainer import check_run_config, make_step_setup
 
     config = model_config_for(cfg)
     if target:

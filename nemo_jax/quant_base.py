@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemo_jax import int8 as INT8
-from nemo_jax import nf4 as NF4
+from nemo_jax import int8, nf4
 from nemo_jax.config import block_of, kernel_path, target_at
 from nemo_jax.errors import UserError
 
@@ -39,33 +38,33 @@ class BaseQuant:
     def quantize_kernel(self, kernel, n_in: int) -> dict:
         """A stacked kernel [L, *in, *out] quantised layer by layer."""
         if self.kind == "nf4":
-            return NF4.quantize_kernel(kernel, n_in, self.double_quant)
-        return INT8.quantize_kernel(kernel, n_in)
+            return nf4.quantize_kernel(kernel, n_in, self.double_quant)
+        return int8.quantize_kernel(kernel, n_in)
 
     def shapes(self, kernel, n_in: int) -> dict:
         """The quantised ShapeDtypeStructs of an (abstract) stacked kernel [L, *in, *out]."""
         n_layers, layer = kernel.shape[0], kernel.shape[1:]
         if self.kind == "nf4":
-            return NF4.quantized_shapes(math.prod(layer), n_layers, self.double_quant)
-        return INT8.quantized_shapes(math.prod(layer[:n_in]), math.prod(layer[n_in:]), n_layers)
+            return nf4.quantized_shapes(math.prod(layer), n_layers, self.double_quant)
+        return int8.quantized_shapes(math.prod(layer[:n_in]), math.prod(layer[n_in:]), n_layers)
 
     def axes(self) -> dict:
         """Each quantised leaf's logical axes."""
         if self.kind == "int8":
-            return INT8.LOGICAL_AXES
+            return int8.LOGICAL_AXES
         names = ("codes", "absmax") + (("nested_absmax", "offset") if self.double_quant else ())
-        return {k: NF4.LOGICAL_AXES[k] for k in names}
+        return {k: nf4.LOGICAL_AXES[k] for k in names}
 
 
 def is_quantized(tree) -> bool:
-    return NF4.is_quantized(tree) or INT8.is_quantized(tree)
+    return nf4.is_quantized(tree) or int8.is_quantized(tree)
 
 
 def dequantize_kernel(q: dict, in_shape: tuple, out_shape: tuple, dtype) -> jax.Array:
     """One layer's quantised kernel (either format) in our layout [*in, *out], in `dtype`."""
-    if NF4.is_quantized(q):
-        return NF4.dequantize_kernel(q, in_shape, out_shape, dtype)
-    return INT8.dequantize_kernel(q, in_shape, out_shape, dtype)
+    if nf4.is_quantized(q):
+        return nf4.dequantize_kernel(q, in_shape, out_shape, dtype)
+    return int8.dequantize_kernel(q, in_shape, out_shape, dtype)
 
 
 def _map_targets(fn, tree, targets):
@@ -157,7 +156,7 @@ def read_bnb_checkpoint(directory, files: dict, leaves, shapes: dict, targets: t
             raise UserError(f"{directory}: missing tensor {missing[0]!r}")
         per = [_bnb_tensors(directory, files, n) for n in names] if leaf.n_in else None
         if per and per[0] is not None:
-            kind = "int8" if INT8.is_quantized(per[0]) else "nf4"
+            kind = "int8" if int8.is_quantized(per[0]) else "nf4"
             t = target_at(leaf.path)
             if t in targets and kind == quant.kind and (kind != "nf4" or ("nested_absmax" in per[0]) == quant.double_quant):
                 out[leaf.path] = {k: np.stack([q[k] for q in per]) for k in per[0]}
@@ -193,9 +192,9 @@ def _bnb_tensors(directory, files: dict, n: str) -> dict | None:
             raise UserError(f"{directory}: {n} is bitsandbytes FP4; lora.quantize_base reads NF4 and INT8")
         return None
     state = json.loads(bytes(files[f"{n}.quant_state.bitsandbytes__nf4"]()).decode())
-    if state["quant_type"] != "nf4" or state["blocksize"] != NF4.BLOCK:
+    if state["quant_type"] != "nf4" or state["blocksize"] != nf4.BLOCK:
         raise UserError(f"{directory}: {n} is {state['quant_type']} in blocks of {state['blocksize']}; "
-                        f"lora.quantize_base: nf4 reads NF4 in blocks of {NF4.BLOCK}")
+                        f"lora.quantize_base: nf4 reads NF4 in blocks of {nf4.BLOCK}")
     q = {"codes": files[n]().reshape(-1), "absmax": files[f"{n}.absmax"]()}
     if "nested_offset" in state:
         q |= {"nested_absmax": files[f"{n}.nested_absmax"](), "offset": np.float32(state["nested_offset"])}

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from nemo_jax.config import DTYPES, PRESETS
+from nemo_jax.config import DTYPES, PRESETS, ModelConfig, preset
 from nemo_jax.context_parallel import STRATEGIES as CONTEXT_PARALLEL
 from nemo_jax.errors import UserError
 from nemo_jax.fp8 import DEFAULT_TARGETS as FP8_DEFAULT_TARGETS
@@ -688,3 +688,12 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     data, lines = _read_yaml(text, source)
     where = {p: f"{source}:{line}" for p, line in lines.items()}
     return _from_raw(data, source, where, overrides)
+
+
+def model_config_for(cfg) -> ModelConfig:
+    """The architecture a run config names (its checkpoint's, from metadata alone, or its preset), in
+    the run's dtypes."""
+    from nemo_jax import checkpoint  # JAX and orbax: only when a run starts, not to read its YAML
+
+    config = checkpoint.load_config(cfg.model.checkpoint) if cfg.model.checkpoint else preset(cfg.model.preset)
+    return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)

@@ -17,15 +17,14 @@ from tqdm import tqdm
 
 from nemo_jax import context_parallel, fp8, lora, model, preference, quant_base, sharding, train_loop
 from nemo_jax.checkpoint import runs
-from nemo_jax.checkpoint import load_config
-from nemo_jax.config import ModelConfig, block_of, preset
+from nemo_jax.config import ModelConfig, block_of
 from nemo_jax.errors import UserError
 from nemo_jax.fp8 import Fp8Spec
 from nemo_jax.hub import model_reference
 from nemo_jax.distributed import is_main_process, peers_fail_fast
 from nemo_jax.metrics import MetricsWriter, NullWriter, plot_losses
 from nemo_jax.records import DataSource
-from nemo_jax.run_config import eval_split_name, parse_source
+from nemo_jax.run_config import eval_split_name, model_config_for, parse_source
 from nemo_jax.tokenizer import tokenizer_for
 
 
@@ -48,13 +47,6 @@ def fp8_eval_spec(spec: Fp8Spec | None) -> Fp8Spec | None:
     """Evaluation runs the deployed model's forward: static input scales from the trained state (what
     an hf-fp8 export stores, whatever the training recipe), no gradient quantisation."""
     return dataclasses.replace(spec, quantize_grads=False, recipe="delayed") if spec is not None else None
-
-
-def model_config_for(cfg) -> ModelConfig:
-    """The architecture a run config names (its checkpoint's, from metadata alone, or its preset), in
-    the run's dtypes."""
-    config = load_config(cfg.model.checkpoint) if cfg.model.checkpoint else preset(cfg.model.preset)
-    return config.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
 
 
 def device_batch(batch: dict, batch_sh, rows: tuple[int, int] = (0, 1)) -> dict:
