@@ -361,7 +361,6 @@ def _slice(x, i, block, axis=1):
 
 def _forward_hop(q, q_seg, q_idx, k, v, kv_seg, kv_idx, state, causal, block):
     """Folds one key/value block into the running (m, l, acc) of every local query block."""
-    nk = k.shape[1] // block
     live = _live_blocks(q_seg, kv_seg, q_idx, kv_idx, block, causal)
 
     def query_block(xs):
@@ -390,7 +389,6 @@ def _backward_hop(q, q_seg, q_idx, k, v, kv_seg, kv_idx, lse, delta, d_out, dq, 
     P = exp(S - lse), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = dS K, dK = dSᵀ Q (each / sqrt(H)).
     -> (dq accumulated, [dk, dv] of this block stacked), fp32."""
     B, Tk, K, H = k.shape
-    nq = q.shape[1] // block
     live = _live_blocks(q_seg, kv_seg, q_idx, kv_idx, block, causal)
     scale = H ** -0.5
 

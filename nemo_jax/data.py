@@ -83,7 +83,6 @@ import pyarrow.parquet as pq
 
 from nemo_jax.errors import UserError
 from nemo_jax.packing import Mixture, check_shape, materialize, next_row
-from nemo_jax.records import EXTENSIONS as _EXTENSIONS
 from nemo_jax.records import SAVED_EXTENSION, DataSource, as_source, normalize, resolve, source_files  # noqa: F401
 
 log = logging.getLogger(__name__)

@@ -421,7 +421,7 @@ def train(cfg) -> Path:
             base = restore_quantized_base(cfg.model.checkpoint, setup, cfg.model.param_dtype)
         else:
             _, base = restore(cfg.model.checkpoint, setup.param_sh, dtype=cfg.model.param_dtype)
-    spec_lora, state_sh, batch_sh = setup.lora, setup.state_sh, setup.batch_sh
+    spec_lora, batch_sh = setup.lora, setup.batch_sh
     state, frozen = init_arrays(setup, tc.seed, base)
     del base
 

@@ -120,12 +120,12 @@ class SafetensorsFile:
         """The tensor (only rows [r0, r1) of its first axis if `rows` is given) as a new array, or
         read into `out`, a C-contiguous array of that shape and the tensor's dtype."""
         e = self.entries[name]
-        shape, offset, nbytes = e.shape, self.data_start + e.begin, e.nbytes
+        shape, offset = e.shape, self.data_start + e.begin
         if rows is not None:
             r0, r1 = rows
             row_bytes = e.nbytes // e.shape[0] if e.shape[0] else 0
             shape = (r1 - r0,) + e.shape[1:]
-            offset, nbytes = offset + r0 * row_bytes, (r1 - r0) * row_bytes
+            offset = offset + r0 * row_bytes
         if out is None:
             out = np.empty(shape, e.dtype)
         assert out.shape == shape and out.dtype == e.dtype and out.flags.c_contiguous, (out.shape, shape)
