@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-aot test demo bench clean
+.PHONY: setup setup-aot test demo demo-base bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# Rebuild the base `make demo` starts from (data/demo/base/, shipped): about 36 minutes on 2 CPU cores.
+demo-base: $(STAMP)
+	$(BIN)/python scripts/make_demo_data.py --base-corpus outputs/demo/base_train.jsonl
+	$(BIN)/python train.py --config configs/demo_base.yaml
+	$(BIN)/python -m nemo_jax.convert export outputs/demo/base_run data/demo/base --format hf --force
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/convert.py

@@ -53,7 +53,7 @@ def error(tmp_path, text, overrides=()) -> str:
 
 def test_configs_dir_is_not_empty():
     names = {p.name for p in CONFIGS}
-    assert {"lora.yaml", "full.yaml", "qat.yaml", "demo_pretrain.yaml", "demo_lora.yaml", "tiny.yaml"} <= names
+    assert {"lora.yaml", "full.yaml", "qat.yaml", "demo_pretrain.yaml", "demo_sft.yaml", "demo_dpo.yaml", "tiny.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -72,8 +72,9 @@ def test_shipped_config_contents():
     full = load_config("configs/full.yaml")
     assert not full.lora.enabled and full.mesh.fsdp == 8 and full.model.param_dtype == "float32"
     assert load_config("configs/qat.yaml").fp8.enabled
-    demo = load_config("configs/demo_lora.yaml")
-    assert demo.model.checkpoint == load_config("configs/demo_pretrain.yaml").output_dir
+    demo = load_config("configs/demo_sft.yaml")
+    assert demo.model.checkpoint == "data/demo/base" and Path("data/demo/base/config.json").is_file()
+    assert not demo.lora.enabled  # full fine-tuning: the base never saw the chat format's control tokens
 
 
 def test_defaults(tmp_path):

@@ -82,3 +82,43 @@ def test_call_ids_count_the_calls_of_each_conversation():
             assert ids == [f"call{n:05d}" for n in range(1, len(ids) + 1)], (name, i, ids)
             results = [m["tool_call_id"] for m in rec["messages"] if m["role"] == "tool"]
             assert results == ids, (name, i)
+
+
+def test_base_corpus_is_deterministic_and_its_values_come_from_the_requests(gen, tok):
+    """`make demo-base`'s corpus: the documented mix, the same bytes every run, and in every tool log each
+    free-text argument is spelled out in its request (what makes the base learn to copy), but for the known
+    quirks make_demo_data._random_value_log documents (mostly a parallel translation's second call)."""
+    tekken = tok.instruct_tokenizer.tokenizer
+
+    def count(text):
+        return len(tekken.encode(text, bos=True, eos=True))
+
+    data = gen.build_base_corpus(count)
+    assert data == gen.build_base_corpus(count)
+    texts = [json.loads(line)["text"] for line in data.decode("utf-8").splitlines()]
+    c = gen.BASE_COUNTS
+    assert len(texts) == c["docs"] + gen.COUNTS["pretrain_train"] + c["random_value_logs"] + c["copy_drills"]
+    shipped = {r["text"] for r in _records("pretrain_train.jsonl")}
+    assert shipped <= set(texts)  # pretrain_train's documents are the first of the 12000
+    phrases = {v for row in gen.PHRASES for v in row.values()}
+    checked = quirks = translation_quirks = 0
+    for text in texts:
+        lines = text.split("\n")
+        for request, call in zip(lines, lines[1:]):
+            if not call.startswith('[{"name"'):
+                continue
+            for i, c_ in enumerate(json.loads(call)):
+                for k, v in c_["arguments"].items():
+                    if k in gen.COPY_KEYS:
+                        checked += 1
+                        if v not in request:
+                            quirks += 1
+                            translation_quirks += i == 1 and c_["name"] == "translate" and v in phrases
+    assert checked > 40000 and quirks / checked < 0.05 and translation_quirks / quirks > 0.9
+
+
+def test_shipped_base_is_the_demo_preset():
+    from nemo_jax.checkpoint import load_config
+    from nemo_jax.config import preset
+
+    assert load_config(str(DEMO / "base")) == preset("demo")
