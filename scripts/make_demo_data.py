@@ -1371,14 +1371,16 @@ def gen_pairs(seed: int, recs: list[dict], pool) -> list[dict]:
     return out
 
 
+def token_counter(tok):
+    """Tokens of a pretraining document (BOS + text + EOS) in Tekken, as the demo model reads it."""
+    tekken = tok.instruct_tokenizer.tokenizer
+    return lambda text: len(tekken.encode(text, bos=True, eos=True))
+
+
 def build(tok=None, verbose: bool = False) -> dict[str, bytes]:
     """All output files as {file name: bytes}; validates every conversation with mistral-common."""
     tok = tok or load_mistral_tokenizer()
-    tekken = tok.instruct_tokenizer.tokenizer
-
-    def count_tokens(text: str) -> int:
-        return len(tekken.encode(text, bos=True, eos=True))
-
+    count_tokens = token_counter(tok)
     p_train = gen_pretrain(SEEDS["pretrain_train"], COUNTS["pretrain_train"], count_tokens)
     p_eval = gen_pretrain(SEEDS["pretrain_eval"], COUNTS["pretrain_eval"], count_tokens,
                           exclude={r["text"] for r in p_train})
@@ -1406,6 +1408,8 @@ def build(tok=None, verbose: bool = False) -> dict[str, bytes]:
 
 BASE_SEEDS = {"docs": 1001, "copy": 21, "shuffle": 5}  # docs: pretrain_train's seed, so its 3000 come first
 BASE_COUNTS = {"docs": 12000, "random_value_logs": 30000, "copy_drills": 6000}
+# The corpus data/demo/base/ was trained on: a change to the generator that alters it needs a rebuilt base.
+BASE_CORPUS_SHA256 = "0b6493d1a346cd89522cf40b897966da068184e38ba2c960ad5442b0961775bd"
 COPY_KEYS = {"city", "title", "text", "origin", "destination"}  # free-text arguments the request spells out
 
 
@@ -1454,11 +1458,12 @@ def _copy_drill(rng, words) -> str:
     return a + "\n" + " | ".join(rng.sample(spans, len(spans))) + "\n" + a
 
 
-def build_base_corpus(count_tokens) -> bytes:
+def build_base_corpus(tok=None) -> bytes:
     """base_train.jsonl: the demo base's corpus. The documents of pretrain_train (drawn on to 12000, its first
     3000 twice), 30000 tool logs with random argument values (1-2 exchanges each) and 6000 copy drills,
     shuffled. The 400-step pretraining of `make demo` (its 3000 documents) never copied an argument; this
     corpus over 8000 steps does (see configs/demo_base.yaml)."""
+    count_tokens = token_counter(tok or load_mistral_tokenizer())
     words = _word_pool()
     docs = gen_pretrain(BASE_SEEDS["docs"], BASE_COUNTS["docs"], count_tokens)
     rng = random.Random(BASE_SEEDS["copy"])
@@ -1501,8 +1506,7 @@ def main(argv=None) -> int:
                     help="write only the demo base's pretraining corpus (`make demo-base`) to FILE")
     args = ap.parse_args(argv)
     if args.base_corpus:
-        tekken = load_mistral_tokenizer().instruct_tokenizer.tokenizer
-        data = build_base_corpus(lambda text: len(tekken.encode(text, bos=True, eos=True)))
+        data = build_base_corpus()
         args.base_corpus.parent.mkdir(parents=True, exist_ok=True)
         args.base_corpus.write_bytes(data)
         n_docs = data.count(b"\n")

@@ -1,6 +1,7 @@
 """The committed `make demo` data (data/demo/) equals a fresh run of scripts/make_demo_data.py, and every
 conversation in it is a valid Mistral V3 Tekken fine-tuning conversation (mistral-common) of at most 256 tokens."""
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -85,16 +86,11 @@ def test_call_ids_count_the_calls_of_each_conversation():
 
 
 def test_base_corpus_is_deterministic_and_its_values_come_from_the_requests(gen, tok):
-    """`make demo-base`'s corpus: the documented mix, the same bytes every run, and in every tool log each
-    free-text argument is spelled out in its request (what makes the base learn to copy), but for the known
-    quirks make_demo_data._random_value_log documents (mostly a parallel translation's second call)."""
-    tekken = tok.instruct_tokenizer.tokenizer
-
-    def count(text):
-        return len(tekken.encode(text, bos=True, eos=True))
-
-    data = gen.build_base_corpus(count)
-    assert data == gen.build_base_corpus(count)
+    """`make demo-base`'s corpus: the documented mix, the very bytes data/demo/base/ was trained on, and in every
+    tool log each free-text argument is spelled out in its request (what makes the base learn to copy), but for
+    the known quirks make_demo_data._random_value_log documents (mostly a parallel translation's second call)."""
+    data = gen.build_base_corpus(tok)
+    assert hashlib.sha256(data).hexdigest() == gen.BASE_CORPUS_SHA256
     texts = [json.loads(line)["text"] for line in data.decode("utf-8").splitlines()]
     c = gen.BASE_COUNTS
     assert len(texts) == c["docs"] + gen.COUNTS["pretrain_train"] + c["random_value_logs"] + c["copy_drills"]
